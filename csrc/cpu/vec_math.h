@@ -1,0 +1,173 @@
+// Small helpers for CPU kernels whose inner loops the compiler must be able
+// to vectorise: an exp written with plain arithmetic (std::exp is a scalar
+// libm call that blocks auto-vectorisation) and function multiversioning.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// Compile hot functions for AVX-512, AVX2+FMA and the baseline, picked at load
+// time by the CPU (GCC's ifunc-based target_clones). Wheels stay portable.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define ICL_CPU_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ICL_CPU_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define ICL_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define ICL_ALWAYS_INLINE inline
+#endif
+
+namespace icl_kernels {
+namespace cpu {
+
+// exp(x) for float by range reduction x = k ln2 + r, |r| <= ln2/2, and a
+// degree-6 polynomial for exp(r) (Cephes coefficients); about 2 ulp on the
+// clamped range.  Inputs below about -87.3 give a tiny positive value instead
+// of 0: harmless for softmax weights, which is its only use here.
+ICL_ALWAYS_INLINE float exp_approx(float x) {
+  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  x = x < -87.3365478515625f ? -87.3365478515625f : x;
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Double precision keeps libm: float64 is the accuracy path, not the fast one.
+ICL_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
+
+// 32-byte SIMD vectors through GCC/Clang vector extensions: the compiler maps
+// them to one AVX register, two SSE registers, or one half of an AVX-512 one,
+// whatever the function is compiled for (see ICL_CPU_MULTIVERSION).
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t int_type __attribute__((vector_size(32)));
+  static constexpr int64_t width = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int64_t width = 4;
+};
+
+template <typename V, typename T>
+ICL_ALWAYS_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
+template <typename V, typename T>
+ICL_ALWAYS_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename V>
+ICL_ALWAYS_INLINE V vmax(const V& a, const V& b) {
+  return a > b ? a : b;
+}
+
+// exp_approx on a whole vector of floats (same formula and constants).
+ICL_ALWAYS_INLINE Vec<float>::type vexp(Vec<float>::type x) {
+  using V = Vec<float>::type;
+  using VI = Vec<float>::int_type;
+  x = vmax(x, V{} - 87.3365478515625f);
+  x = x < 88.3762626647949f ? x : V{} + 88.3762626647949f;
+  const V fx = x * 1.44269504088896341f + 0.5f;
+  V k = __builtin_convertvector(__builtin_convertvector(fx, VI), V);  // truncation
+  k = k > fx ? k - 1.0f : k;                                          // ... made a floor
+  V r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VI bits = (__builtin_convertvector(k, VI) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+ICL_ALWAYS_INLINE Vec<double>::type vexp(Vec<double>::type x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+// out[i, l] (+)= sum_j coef[i * si + j * sj] * rows[j * ldr + l] for a block
+// of IB output rows and LB vectors of columns: IB * LB accumulators stay in
+// registers while j runs, each step loading LB vectors and IB scalars.
+template <typename acc_t, int IB, int LB>
+ICL_ALWAYS_INLINE void gemm_block(int64_t J, const acc_t* coef, int64_t si, int64_t sj,
+                                  const acc_t* rows, int64_t ldr, acc_t* out, int64_t ldo,
+                                  bool accumulate) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::width;
+  V acc[IB][LB];
+  for (int i = 0; i < IB; ++i)
+    for (int l = 0; l < LB; ++l) acc[i][l] = accumulate ? vload<V>(out + i * ldo + l * W) : V{};
+  for (int64_t j = 0; j < J; ++j) {
+    V r[LB];
+    for (int l = 0; l < LB; ++l) r[l] = vload<V>(rows + j * ldr + l * W);
+    for (int i = 0; i < IB; ++i) {
+      const acc_t cf = coef[i * si + j * sj];
+      for (int l = 0; l < LB; ++l) acc[i][l] += cf * r[l];
+    }
+  }
+  for (int i = 0; i < IB; ++i)
+    for (int l = 0; l < LB; ++l) vstore(out + i * ldo + l * W, acc[i][l]);
+}
+
+template <typename acc_t, int LB>
+ICL_ALWAYS_INLINE void gemm_column_block(int64_t I, int64_t J, const acc_t* coef, int64_t si,
+                                         int64_t sj, const acc_t* rows, int64_t ldr, acc_t* out,
+                                         int64_t ldo, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= I; i += 4)
+    gemm_block<acc_t, 4, LB>(J, coef + i * si, si, sj, rows, ldr, out + i * ldo, ldo, accumulate);
+  switch (I - i) {
+    case 3: gemm_block<acc_t, 3, LB>(J, coef + i * si, si, sj, rows, ldr, out + i * ldo, ldo, accumulate); break;
+    case 2: gemm_block<acc_t, 2, LB>(J, coef + i * si, si, sj, rows, ldr, out + i * ldo, ldo, accumulate); break;
+    case 1: gemm_block<acc_t, 1, LB>(J, coef + i * si, si, sj, rows, ldr, out + i * ldo, ldo, accumulate); break;
+    default: break;
+  }
+}
+
+// The one matrix product of the CPU kernels (L must be a multiple of the
+// vector width; callers pad): out[I, L] (+)= coef[I, J] @ rows[J, L], with
+// coef addressed through strides so that either operand layout works.
+template <typename acc_t>
+ICL_ALWAYS_INLINE void gemm_rows(int64_t I, int64_t J, int64_t L, const acc_t* coef, int64_t si,
+                                 int64_t sj, const acc_t* rows, int64_t ldr, acc_t* out,
+                                 int64_t ldo, bool accumulate) {
+  constexpr int64_t W = Vec<acc_t>::width;
+  int64_t l = 0;
+  for (; l + 2 * W <= L; l += 2 * W)
+    gemm_column_block<acc_t, 2>(I, J, coef, si, sj, rows + l, ldr, out + l, ldo, accumulate);
+  if (l < L) gemm_column_block<acc_t, 1>(I, J, coef, si, sj, rows + l, ldr, out + l, ldo, accumulate);
+}
+
+ICL_ALWAYS_INLINE int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+}  // namespace cpu
+}  // namespace icl_kernels

@@ -1,0 +1,162 @@
+"""Backend registry and selection.
+
+A backend is a named set of kernels, one forward and one backward function per
+op, plus a rule saying when it can run.  Choosing one, in order of precedence:
+
+1. the ``backend=`` argument of the op or module,
+2. the environment variable ``ICL_KERNELS_BACKEND`` (read at every call),
+3. ``auto``: the first available backend in the device's preference order.
+
+A backend asked for by name that cannot run raises :class:`BackendUnavailableError`
+saying why.  Adding a backend means writing its module (functions named
+``<op>_forward`` / ``<op>_backward``) and one ``register_backend`` line below.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _extension
+
+ENV_VAR = "ICL_KERNELS_BACKEND"
+AUTO = "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op on these tensors; the message says why."""
+
+
+@dataclass
+class Backend:
+    """A set of kernels.
+
+    name: what users pass as ``backend=``.
+    module: import path of the module holding ``<op>_forward`` / ``<op>_backward``.
+    device_types: device types it runs on (None: any device).
+    check: optional extra rule, ``check(op, device) -> reason or None``.
+    """
+
+    name: str
+    module: str
+    device_types: Optional[Tuple[str, ...]] = None
+    check: Optional[Callable[[str, torch.device], Optional[str]]] = None
+    _module_cache: Dict[str, object] = field(default_factory=dict, repr=False)
+
+    def unavailable_reason(self, op: str, device: torch.device) -> Optional[str]:
+        """None when the backend can run ``op`` on ``device``, else a sentence saying why not."""
+        if self.device_types is not None and device.type not in self.device_types:
+            return (
+                f"it runs on {' or '.join(self.device_types)} tensors and these are on {device.type}"
+            )
+        if self.check is not None:
+            reason = self.check(op, device)
+            if reason is not None:
+                return reason
+        try:
+            mod = self._load()
+        except ImportError as exc:
+            return f"its module {self.module} failed to import ({exc})"
+        if not hasattr(mod, f"{op}_forward"):
+            return f"it has no kernels for the op {op!r}"
+        return None
+
+    def _load(self):
+        if "mod" not in self._module_cache:
+            self._module_cache["mod"] = importlib.import_module(self.module)
+        return self._module_cache["mod"]
+
+    def kernels(self, op: str) -> Tuple[Callable, Callable]:
+        mod = self._load()
+        return getattr(mod, f"{op}_forward"), getattr(mod, f"{op}_backward")
+
+
+_REGISTRY: Dict[str, Backend] = {}
+# Preference of `auto` per device type: the first available wins.
+_AUTO_ORDER: Dict[str, List[str]] = {"cpu": ["cpu", "torch"], "cuda": ["cuda", "triton", "torch"]}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def backend_names() -> Tuple[str, ...]:
+    """Every accepted value of ``backend=``, ``auto`` included."""
+    return (AUTO,) + tuple(_REGISTRY)
+
+
+def _check_compiled(dispatch_key: str) -> Callable[[str, torch.device], Optional[str]]:
+    def check(op: str, device: torch.device) -> Optional[str]:
+        if not _extension.is_loaded():
+            return _extension.load_error_message()
+        if not _extension.has_kernel(f"_{op}_forward", dispatch_key):
+            if dispatch_key == "CUDA":
+                return (
+                    "the extension was built without CUDA kernels (no CUDA toolkit or a CPU-only "
+                    "torch at build time, or ICL_BUILD_CUDA=0); rebuild with a CUDA toolkit"
+                )
+            return f"the extension has no {dispatch_key} kernel for {op!r}"
+        if dispatch_key == "CUDA" and not torch.cuda.is_available():
+            return "no GPU is visible (torch.cuda.is_available() is False)"
+        return None
+
+    return check
+
+
+def _check_triton(op: str, device: torch.device) -> Optional[str]:
+    from . import triton as triton_pkg
+
+    return triton_pkg.unavailable_reason(device)
+
+
+register_backend(Backend("triton", "icl_kernels.triton", None, _check_triton))
+register_backend(Backend("cuda", "icl_kernels._compiled", ("cuda",), _check_compiled("CUDA")))
+register_backend(Backend("cpu", "icl_kernels._compiled", ("cpu",), _check_compiled("CPU")))
+register_backend(Backend("torch", "icl_kernels.reference"))
+
+
+def requested_name(backend: Optional[str]) -> str:
+    """The backend name in force for a call: the argument, else the environment, else auto."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or AUTO
+        source = f"the environment variable {ENV_VAR}"
+    if not isinstance(backend, str) or backend.lower() not in backend_names():
+        raise ValueError(
+            f"{source} must be one of {', '.join(backend_names())}; got {backend!r}"
+        )
+    return backend.lower()
+
+
+def resolve(op: str, name: str, device: torch.device, auto_order: Optional[Sequence[str]] = None) -> Backend:
+    """The backend that runs ``op`` on ``device`` for the requested ``name``.
+
+    A pure function of its arguments and of what is installed, so calling it
+    again in the backward gives the forward's backend.
+    """
+    if name == AUTO:
+        order = auto_order if auto_order is not None else _AUTO_ORDER.get(device.type, ["torch"])
+        for candidate in order:
+            backend = _REGISTRY[candidate]
+            if backend.unavailable_reason(op, device) is None:
+                return backend
+        return _REGISTRY["torch"]
+    backend = _REGISTRY[name]
+    reason = backend.unavailable_reason(op, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run {op} on {device}: {reason}")
+    return backend
+
+
+def available_backends(op: str = "proxy_attention", device: Optional[torch.device | str] = None) -> Dict[str, Optional[str]]:
+    """Maps every backend to None (available) or the reason it is not, for ``op`` on ``device``.
+
+    >>> import icl_kernels
+    >>> icl_kernels.available_backends(device="cpu")["torch"] is None
+    True
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return {name: be.unavailable_reason(op, dev) for name, be in _REGISTRY.items()}
