@@ -134,7 +134,7 @@ def extension_modules():
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=find_packages(include=["icl_kernels", "icl_kernels.*"]),
+    packages=find_packages(include=["icl_kernels", "icl_kernels.*", "icl", "icl.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
