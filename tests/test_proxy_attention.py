@@ -1,0 +1,334 @@
+"""The fused proxy attention op on the CPU backends (`cpu` C++ and `torch`)
+against a float64 autograd oracle, plus registration, compile and bad input."""
+import os
+
+import pytest
+import torch
+
+import icl_kernels
+from icl_kernels import _extension, backends, reference
+from icl_kernels.ops.proxy_attention import proxy_attention
+
+CPU_BACKENDS = ["cpu", "torch"]
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+
+# (B, N, C, M): N = 1, odd N, C not a power of two, M = 1, M > 64, B = 1.
+SHAPES = [
+    (1, 1, 4, 1),
+    (2, 77, 33, 5),
+    (3, 1000, 64, 70),
+    (1, 257, 96, 16),
+    (2, 130, 3, 2),
+]
+
+
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def rel_err(got, want, floor=1e-12):
+    """L2 error relative to the reference's norm plus a small absolute floor
+    (per element), so that exactly-zero references (dc when only Z has a
+    gradient: softmax is shift invariant) are judged against the floor."""
+    got, want = got.double(), want.double()
+    scale = want.norm().item() + floor * want.numel() ** 0.5
+    return (got - want).norm().item() / scale
+
+
+def make_inputs(B, N, C, M, dtype=torch.float64, contiguous=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if contiguous:
+        x = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    else:  # tokens made from a [B, C, N] feature map, as users do
+        x = torch.randn(B, C, N, generator=g, dtype=torch.float64).transpose(1, 2)
+    x = x * 2 + 0.5
+    A = torch.randn(B, M, C, generator=g, dtype=torch.float64) / C**0.5
+    c = torch.randn(B, M, generator=g, dtype=torch.float64)
+    return x.to(dtype), A.to(dtype), c.to(dtype)
+
+
+def oracle(x, A, c, eps, grad_Z, grad_S):
+    """Float64 forward and gradients by autograd through the composite form."""
+    x64, A64, c64 = (t.detach().double().requires_grad_() for t in (x, A, c))
+    Z, S = reference.proxy_attention_math(x64, A64, c64, eps)
+    loss = 0
+    if grad_Z is not None:
+        loss = loss + (Z * grad_Z.double()).sum()
+    if grad_S is not None:
+        loss = loss + (S * grad_S.double()).sum()
+    grads = torch.autograd.grad(loss, (x64, A64, c64))
+    return Z.detach(), S.detach(), grads
+
+
+def run_op(x, A, c, eps, backend, grad_Z, grad_S):
+    x, A, c = (t.detach().clone().requires_grad_() for t in (x, A, c))
+    Z, S = proxy_attention(x, A, c, eps=eps, backend=backend)
+    outs = []
+    if grad_Z is not None:
+        outs.append((Z, grad_Z))
+    if grad_S is not None:
+        outs.append((S, grad_S))
+    torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
+    return Z.detach(), S.detach(), (x.grad, A.grad, c.grad)
+
+
+def test_extension_is_built():
+    """CI installs with the extension; its absence must fail loudly, not skip."""
+    assert _extension.is_loaded(), _extension.load_error_message()
+    assert icl_kernels.available_backends(device="cpu")["cpu"] is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}C{}M{}".format(*s))
+@pytest.mark.parametrize("eps", [None, 1e-5])
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contig", "strided"])
+def test_forward_backward_against_float64(backend, dtype, shape, eps, contiguous):
+    x, A, c = make_inputs(*shape, dtype=dtype, contiguous=contiguous)
+    B, N, C, M = shape
+    g = torch.Generator().manual_seed(1)
+    grad_Z = torch.randn(B, M, C, generator=g, dtype=torch.float64).to(dtype)
+    grad_S = torch.randn(B, M, N, generator=g, dtype=torch.float64).to(dtype)
+    Zr, Sr, gr = oracle(x, A, c, eps, grad_Z, grad_S)
+    Z, S, grads = run_op(x, A, c, eps, backend, grad_Z, grad_S)
+    assert Z.dtype == dtype and S.dtype == dtype
+    assert Z.shape == (B, M, C) and S.shape == (B, M, N)
+    tol = TOL[dtype]
+    assert rel_err(Z, Zr) <= tol
+    assert rel_err(S, Sr) <= tol
+    for name, got, want in zip(("dx", "dA", "dc"), grads, gr):
+        assert got.shape == want.shape, name
+        assert rel_err(got, want) <= tol, name
+    # dx comes back in x's memory layout (a transposed view stays a transposed view)
+    assert grads[0].stride() == torch.empty_like(x).stride()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("which", ["Z", "S"])
+def test_gradient_of_one_output_only(backend, which):
+    x, A, c = make_inputs(2, 50, 12, 6)
+    gZ = torch.randn(2, 6, 12, dtype=torch.float64) if which == "Z" else None
+    gS = torch.randn(2, 6, 50, dtype=torch.float64) if which == "S" else None
+    _, _, gr = oracle(x, A, c, 1e-5, gZ, gS)
+    _, _, grads = run_op(x, A, c, 1e-5, backend, gZ, gS)
+    for got, want in zip(grads, gr):
+        assert rel_err(got, want, floor=1e-6) <= 1e-9
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_rows_and_channels(backend):
+    """M = 256 rows of width C = 512 (A does not fit in registers at once)."""
+    x, A, c = make_inputs(1, 70, 512, 256, dtype=torch.float32, contiguous=False)
+    gZ = torch.randn(1, 256, 512)
+    gS = torch.randn(1, 256, 70)
+    Zr, Sr, gr = oracle(x, A, c, 1e-5, gZ, gS)
+    Z, S, grads = run_op(x, A, c, 1e-5, backend, gZ, gS)
+    assert rel_err(Z, Zr) <= 2e-4 and rel_err(S, Sr) <= 2e-4
+    for got, want in zip(grads, gr):
+        assert rel_err(got, want) <= 2e-4
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_logits_are_stable(backend):
+    """Logits of +-1e4 must not overflow the softmax (online max subtraction)."""
+    x, A, c = make_inputs(2, 300, 8, 3)
+    A = A * 3e3
+    Zr, Sr, gr = oracle(x, A, c, None, torch.ones(2, 3, 8, dtype=torch.float64), None)
+    Z, S, grads = run_op(x.float(), A.float(), c.float(), None, backend, torch.ones(2, 3, 8), None)
+    assert torch.isfinite(Z).all() and torch.isfinite(grads[0]).all()
+    assert rel_err(Z, Zr) <= 2e-4
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_rows_and_batch(backend):
+    """No query rows (no classes) or no batch: empty outputs, zero token gradient."""
+    x = torch.randn(2, 9, 5, requires_grad=True)
+    A = torch.randn(2, 0, 5, requires_grad=True)
+    c = torch.randn(2, 0, requires_grad=True)
+    Z, S = proxy_attention(x, A, c, eps=1e-5, backend=backend)
+    assert Z.shape == (2, 0, 5) and S.shape == (2, 0, 9)
+    (Z.sum() + S.sum()).backward()
+    assert x.grad is None or torch.equal(x.grad, torch.zeros_like(x))
+    x0 = torch.randn(0, 9, 5)
+    Z0, S0 = proxy_attention(x0, torch.randn(0, 3, 5), torch.randn(0, 3), backend=backend)
+    assert Z0.shape == (0, 3, 5) and S0.shape == (0, 3, 9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("eps", [None, 1e-3])
+def test_gradcheck_float64(backend, eps):
+    x, A, c = make_inputs(2, 13, 6, 3, contiguous=False)
+    x, A, c = (t.detach().clone().requires_grad_() for t in (x, A, c))
+
+    def f(x, A, c):
+        Z, S = proxy_attention(x, A, c, eps=eps, backend=backend)
+        return Z, S
+
+    assert torch.autograd.gradcheck(f, (x, A, c), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_cpu_backend_is_deterministic_across_threads():
+    x, A, c = make_inputs(3, 3000, 40, 12, dtype=torch.float32)
+    gZ, gS = torch.randn(3, 12, 40), torch.randn(3, 12, 3000)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads), 1):
+            torch.set_num_threads(n)
+            Z, S, grads = run_op(x, A, c, 1e-5, "cpu", gZ, gS)
+            results.append((Z, S) + tuple(grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_opcheck_custom_ops():
+    x, A, c = make_inputs(2, 37, 10, 4, dtype=torch.float32, contiguous=False)
+    for backend in CPU_BACKENDS:
+        for eps in (None, 1e-5):
+            args = (x.clone().requires_grad_(), A.clone().requires_grad_(), c.clone().requires_grad_(), eps, backend)
+            torch.library.opcheck(torch.ops.icl_kernels.proxy_attention_forward.default, args)
+            Z, S, lse = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, backend)
+            bargs = (torch.randn_like(Z), torch.randn_like(S), x, A, c, Z, lse, eps, backend)
+            torch.library.opcheck(torch.ops.icl_kernels.proxy_attention_backward.default, bargs)
+            torch.library.opcheck(
+                torch.ops.icl_kernels.proxy_attention_backward.default, (None, torch.randn_like(S), x, A, c, Z, lse, eps, backend)
+            )
+
+
+def test_opcheck_raw_compiled_kernels():
+    x, A, c = make_inputs(2, 37, 10, 4, dtype=torch.float32, contiguous=False)
+    torch.library.opcheck(torch.ops.icl_kernels._proxy_attention_forward.default, (x, A, c, 1e-5))
+    Z, S, lse = torch.ops.icl_kernels._proxy_attention_forward(x, A, c, 1e-5)
+    torch.library.opcheck(
+        torch.ops.icl_kernels._proxy_attention_backward.default,
+        (torch.randn_like(Z), torch.randn_like(S), x, A, c, Z, lse, 1e-5),
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpu", None])
+def test_torch_compile_fullgraph_module(backend):
+    torch._dynamo.reset()
+    mod = icl_kernels.ProxyAttention(24, num_heads=3, token_norm=True, backend=backend)
+    q = torch.randn(2, 4, 24)
+    x = torch.randn(2, 24, 50).transpose(1, 2)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    out_c, attn_c = compiled(q, x)
+    out_e, attn_e = mod(q, x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(attn_c, attn_e)
+    (out_c.sum() + attn_c.square().sum()).backward()
+    assert mod.fc_q.weight.grad is not None and mod.norm_x.weight.grad is not None
+
+
+def test_torch_compile_inductor_function():
+    torch._dynamo.reset()
+
+    def f(x, A, c):
+        Z, S = proxy_attention(x, A, c, eps=1e-5)
+        return Z.sum() + S.square().mean()
+
+    x, A, c = make_inputs(2, 40, 8, 3, dtype=torch.float32)
+    x.requires_grad_()
+    got = torch.compile(f, fullgraph=True)(x, A, c)
+    want = f(x, A, c)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# -- selection -----------------------------------------------------------------
+
+def test_backend_from_environment(monkeypatch):
+    x, A, c = make_inputs(1, 10, 4, 2)
+    monkeypatch.setenv("ICL_KERNELS_BACKEND", "torch")
+    Z1, _ = proxy_attention(x, A, c)
+    monkeypatch.setenv("ICL_KERNELS_BACKEND", "cpu")
+    Z2, _ = proxy_attention(x, A, c)
+    torch.testing.assert_close(Z1, Z2, rtol=1e-12, atol=1e-12)
+    monkeypatch.setenv("ICL_KERNELS_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="ICL_KERNELS_BACKEND"):
+        proxy_attention(x, A, c)
+
+
+def test_auto_picks_cpu_kernel_on_cpu():
+    assert backends.resolve("proxy_attention", "auto", torch.device("cpu")).name == "cpu"
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    x, A, c = make_inputs(1, 10, 4, 2)
+    with pytest.raises(icl_kernels.BackendUnavailableError, match="cuda"):
+        proxy_attention(x, A, c, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(icl_kernels.BackendUnavailableError, match="TRITON_INTERPRET"):
+        proxy_attention(x, A, c, backend="triton")
+
+
+def test_backward_runs_on_forward_backend(monkeypatch):
+    """Changing the environment between forward and backward does not switch kernels."""
+    calls = []
+    fwd, bwd = backends._REGISTRY["torch"].kernels("proxy_attention")
+    x, A, c = make_inputs(1, 10, 4, 2)
+    x.requires_grad_()
+    Z, S = proxy_attention(x, A, c, backend="cpu")
+    monkeypatch.setenv("ICL_KERNELS_BACKEND", "torch")
+    original = backends.Backend.kernels
+
+    def spy(self, op):
+        calls.append(self.name)
+        return original(self, op)
+
+    monkeypatch.setattr(backends.Backend, "kernels", spy)
+    Z.sum().backward()
+    assert calls == ["cpu"]
+
+
+# -- bad input -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda x, A, c: (x[0], A, c), ValueError, "x must be"),
+        (lambda x, A, c: (x, A[0], c), ValueError, "A must be"),
+        (lambda x, A, c: (x, A, c[0]), ValueError, "c must be"),
+        (lambda x, A, c: (x, A[:1], c[:1]), ValueError, "batch"),
+        (lambda x, A, c: (x, A[..., :3], c), ValueError, "C="),
+        (lambda x, A, c: (x, A, c[:, :1]), ValueError, "c must be"),
+        (lambda x, A, c: (x, A.float(), c), TypeError, "A has dtype"),
+        (lambda x, A, c: (x, A, c.float()), TypeError, "c has dtype"),
+        (lambda x, A, c: (x.long(), A, c), TypeError, "floating"),
+        (lambda x, A, c: (x, A.to("meta"), c), ValueError, "A is on meta"),
+        (lambda x, A, c: (x[:, :0], A, c), ValueError, "N >= 1"),
+    ],
+)
+def test_bad_input_names_the_argument(make, exc, match):
+    x, A, c = make_inputs(2, 10, 4, 3)
+    with pytest.raises(exc, match=match):
+        proxy_attention(*make(x, A, c))
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_eps(eps):
+    x, A, c = make_inputs(1, 5, 4, 2)
+    with pytest.raises(ValueError, match="eps"):
+        proxy_attention(x, A, c, eps=eps)
+
+
+def test_unknown_backend_name():
+    x, A, c = make_inputs(1, 5, 4, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        proxy_attention(x, A, c, backend="fast")
+
+
+def test_raw_kernel_checks_raise_python_errors():
+    """Direct callers of the compiled op get the same exception types."""
+    x, A, c = make_inputs(2, 10, 4, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="batch"):
+        torch.ops.icl_kernels._proxy_attention_forward(x, A[:1], c[:1], None)
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.icl_kernels._proxy_attention_forward(x, A.double(), c, None)
+    with pytest.raises(ValueError, match="eps"):
+        torch.ops.icl_kernels._proxy_attention_forward(x, A, c, -1.0)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        torch.ops.icl_kernels._proxy_attention_forward(x.half(), A.half(), c.half(), None)
