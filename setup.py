@@ -24,7 +24,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def log(msg: str) -> None:
-    print(f"[icl_kernels build] {msg}", flush=True)
+    """Print (shown by `pip install -v`) and keep a copy in build/icl_kernels_build.log."""
+    line = f"[icl_kernels build] {msg}"
+    print(line, flush=True)
+    try:
+        os.makedirs(os.path.join(HERE, "build"), exist_ok=True)
+        with open(os.path.join(HERE, "build", "icl_kernels_build.log"), "a") as fh:
+            fh.write(line + "\n")
+    except OSError:
+        pass
 
 
 def _toolkit_ok(root: str) -> bool:

@@ -36,3 +36,11 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if not torch.cuda.is_available():
         return "no GPU is visible (torch.cuda.is_available() is False)"
     return None
+
+
+# The kernels (the backend's `<op>_forward` / `<op>_backward`); without Triton
+# the package still imports and `unavailable_reason` says why it cannot run.
+try:
+    from .proxy_attention import proxy_attention_backward, proxy_attention_forward  # noqa: F401
+except ImportError:  # pragma: no cover - Triton missing
+    pass

@@ -1,0 +1,291 @@
+"""Shared machinery of the benchmarks: timing, memory, bandwidth, CSV, table, plots.
+
+Every benchmark writes rows with exactly the columns in ``COLUMNS``. A provider
+that cannot run a shape still writes a row: empty numbers and the reason in
+``unit`` (``oom``, ``unsupported: ...``, ``error: ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+COLUMNS = [
+    "op", "provider", "mode", "shape", "dtype", "metric", "unit",
+    "p50", "p20", "p80", "device", "torch_version", "triton_version", "git_commit", "timestamp",
+]
+
+
+def parse_args(description: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
+    p.add_argument("--csv", metavar="FILE", help="append result rows to this CSV file")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots to this folder")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--min-time", type=float, default=None, help="seconds of repeats per measurement")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args()
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no GPU is visible")
+    default_dtype = "bfloat16" if args.device.type == "cuda" else "float32"
+    name = args.dtype or default_dtype
+    if not hasattr(torch, name) or not isinstance(getattr(torch, name), torch.dtype):
+        p.error(f"--dtype: unknown dtype {name!r}")
+    args.dtype = getattr(torch, name)
+    if args.min_time is None:
+        args.min_time = 0.05 if args.quick else 0.5
+    return args
+
+
+@dataclass
+class Env:
+    device: str
+    torch_version: str
+    triton_version: str
+    git_commit: str
+    timestamp: str
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> Env:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return Env(device_name(device), torch.__version__, triton_version, commit,
+               _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantiles_ms(times_s: Sequence[float]) -> tuple:
+    t = torch.tensor(sorted(times_s), dtype=torch.float64) * 1e3
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.5,
+            cuda_graph: bool = False) -> tuple:
+    """(p50, p20, p80) in milliseconds after warm-up.
+
+    CPU: torch.utils.benchmark (blocked autorange, per-run times). GPU: CUDA
+    events around each call; with ``cuda_graph`` the calls are captured once
+    into a CUDA graph and the replay is timed.
+    """
+    if device.type != "cuda":
+        from torch.utils import benchmark
+
+        fn()  # warm-up (allocations, first-call dispatch)
+        fn()
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        m = timer.blocked_autorange(min_run_time=min_time)
+        per_run = [t for t in m.times]
+        if len(per_run) < 5:  # few long blocks: time individual calls instead
+            per_run = []
+            import time
+
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                per_run.append(time.perf_counter() - t0)
+        return quantiles_ms(per_run)
+    run = fn
+    if cuda_graph:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    for _ in range(3):
+        run()
+    synchronize(device)
+    times = []
+    import time
+
+    start_wall = time.perf_counter()
+    while len(times) < 10 or (time.perf_counter() - start_wall < min_time and len(times) < 1000):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return quantiles_ms(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak allocated memory of one call beyond what was allocated before, in MiB
+    (GPU only: the CPU allocator keeps no statistics)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20) -> float:
+    """Device copy bandwidth (read + write bytes per second), measured now."""
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    p50, _, _ = time_fn(lambda: dst.copy_(src), device, min_time=0.3)
+    return 2 * nbytes / (p50 / 1e3) / 1e9
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower() or isinstance(exc, MemoryError)
+
+
+@dataclass
+class Recorder:
+    op: str
+    env: Env
+    rows: List[Dict[str, str]] = field(default_factory=list)
+
+    def add(self, provider: str, mode: str, shape: str, dtype: torch.dtype, metric: str, unit: str,
+            values: Optional[tuple] = None) -> None:
+        p50, p20, p80 = values if values is not None else ("", "", "")
+        fmt = lambda v: "" if v == "" or v is None else f"{v:.6g}"
+        self.rows.append({
+            "op": self.op, "provider": provider, "mode": mode, "shape": shape,
+            "dtype": str(dtype).replace("torch.", ""), "metric": metric, "unit": unit,
+            "p50": fmt(p50), "p20": fmt(p20), "p80": fmt(p80),
+            "device": self.env.device, "torch_version": self.env.torch_version,
+            "triton_version": self.env.triton_version, "git_commit": self.env.git_commit,
+            "timestamp": self.env.timestamp,
+        })
+
+    def write_csv(self, path: Optional[str]) -> None:
+        if not path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        with open(path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerows(self.rows)
+        print(f"wrote {len(self.rows)} rows to {path}")
+
+    def print_table(self, metric: str = "time") -> None:
+        rows = [r for r in self.rows if r["metric"] == metric]
+        if not rows:
+            return
+        print(f"\n{self.op} on {self.env.device} (torch {self.env.torch_version}, triton {self.env.triton_version or '-'})")
+        header = f"{'shape':<36} {'mode':<8} {'provider':<24} {'p50':>10} {'p20':>10} {'p80':>10}  unit"
+        print(header)
+        print("-" * len(header))
+        for r in rows:
+            print(f"{r['shape']:<36} {r['mode']:<8} {r['provider']:<24} {r['p50']:>10} {r['p20']:>10} {r['p80']:>10}  {r['unit']}")
+
+
+def shape_str(**kw) -> str:
+    return ";".join(f"{k}={v}" for k, v in kw.items())
+
+
+def parse_shape(shape: str) -> Dict[str, str]:
+    return dict(kv.split("=", 1) for kv in shape.split(";") if "=" in kv)
+
+
+def plot(rows: Iterable[Dict[str, str]], out_dir: Optional[str], op: str, sweep_key: str = "N",
+         baseline: str = "published-eager") -> List[str]:
+    """time vs N per provider, speedup over the baseline, peak memory: PNGs in out_dir."""
+    if not out_dir:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [r for r in rows if r["p50"] and "sweep=1" in r["shape"]]
+    written = []
+    for metric, ylabel, fname in (("time", "time (ms)", "time"), ("peak_memory", "peak memory (MiB)", "memory")):
+        sel = [r for r in rows if r["metric"] == metric and r["mode"] == "fwd+bwd"]
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for prov in sorted({r["provider"] for r in sel}):
+            pts = sorted((int(parse_shape(r["shape"])[sweep_key]), float(r["p50"])) for r in sel if r["provider"] == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(sweep_key)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{op} fwd+bwd: {ylabel} vs {sweep_key} ({sel[0]['device']})", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        path = os.path.join(out_dir, f"{op}_{fname}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        if metric == "time":
+            base = {int(parse_shape(r["shape"])[sweep_key]): float(r["p50"]) for r in sel if r["provider"] == baseline}
+            if base:
+                fig, ax = plt.subplots(figsize=(7, 4.5))
+                for prov in sorted({r["provider"] for r in sel} - {baseline}):
+                    pts = sorted((int(parse_shape(r["shape"])[sweep_key]), float(r["p50"])) for r in sel if r["provider"] == prov)
+                    pts = [(n, base[n] / t) for n, t in pts if n in base]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+                ax.axhline(1.0, color="k", lw=0.8)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel(sweep_key)
+                ax.set_ylabel(f"speedup over {baseline}")
+                ax.legend(fontsize=8)
+                ax.grid(True, which="both", alpha=0.3)
+                path = os.path.join(out_dir, f"{op}_speedup.png")
+                fig.tight_layout()
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                written.append(path)
+    for p in written:
+        print(f"wrote {p}")
+    return written

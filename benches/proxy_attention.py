@@ -1,0 +1,263 @@
+"""Benchmark of the proxy cross-attention (LayerNorm of the tokens + attention
+that also returns the logits) against the honest alternatives.
+
+Run from a checkout:  python -m benches.proxy_attention [--quick] [--csv FILE] [--plot DIR] [--device cuda]
+
+Providers (each computes LayerNorm(x) -> attention(q, x) -> (out, logits), forward
+and backward with respect to q, x and every parameter):
+  published-eager    the published module's formulation (icl_kernels.published)
+  published-compile  torch.compile of it (inductor; compile time excluded)
+  sdpa               F.scaled_dot_product_attention for the output + logits computed separately
+  icl-torch          icl_kernels.ProxyAttention(token_norm=True), `torch` backend (absorbed form, PyTorch ops)
+  icl-<backend>      the same module on each fused backend available here (cpu, triton, cuda)
+On GPU every provider is also timed replaying a CUDA graph (`<provider>+cudagraph`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import icl_kernels
+from icl_kernels.published import Query_Attention
+
+from . import common
+
+OP = "proxy_attention"
+
+# Published level shapes (N tokens, C channels, H heads) and batch per call.
+LEVELS_2D = [(1024, 128, 8), (4096, 64, 4), (16384, 32, 2)]          # ACDC 256x256, K = 4
+LEVELS_3D = [(216, 256, 16), (1728, 128, 8), (13824, 64, 4)]         # 96^3 patches; AMOS K = 16
+
+
+class Published(nn.Module):
+    """The block's LayerNorm followed by the published attention module."""
+
+    def __init__(self, C, H):
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+        self.attn = Query_Attention(C, H, qkv_bias=True)
+
+    def forward(self, q, x):
+        return self.attn(q, self.norm(x))
+
+
+class SDPA(nn.Module):
+    """Same computation; the output through F.scaled_dot_product_attention, the
+    logits (which the model needs) by a separate product."""
+
+    def __init__(self, C, H):
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+        self.attn = Query_Attention(C, H, qkv_bias=True)
+
+    def forward(self, q, x):
+        a = self.attn
+        B, N, C = x.shape
+        K, H = q.shape[1], a.num_heads
+        d = C // H
+        xn = self.norm(x)
+        Q = a.fc_q(q).reshape(B, H, K, d)
+        kv = a.fc_kv(xn).reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(Q, kv[0], kv[1], scale=a.scale)
+        logits = torch.matmul(Q, kv[0].transpose(-1, -2)) * a.scale
+        return a.proj(out.reshape(B, K, C)), logits.permute(0, 2, 1, 3)
+
+
+def make_fused(C, H, backend):
+    return icl_kernels.ProxyAttention(C, H, official_layout=True, token_norm=True, backend=backend)
+
+
+def providers(device: torch.device, quick: bool) -> Dict[str, Optional[Callable]]:
+    """name -> factory(C, H) of a module, or None with the reason in REASONS."""
+    table: Dict[str, Optional[Callable]] = {
+        "published-eager": lambda C, H: Published(C, H),
+        "published-compile": (lambda C, H: torch.compile(Published(C, H))) if not quick else None,
+        "sdpa": lambda C, H: SDPA(C, H),
+        "icl-torch": lambda C, H: make_fused(C, H, "torch"),
+    }
+    for be in ("cpu", "triton", "cuda"):
+        reason = icl_kernels.available_backends(OP, device)[be]
+        table[f"icl-{be}"] = (lambda C, H, be=be: make_fused(C, H, be)) if reason is None else None
+        REASONS[f"icl-{be}"] = f"unsupported: {reason}" if reason else ""
+    REASONS["published-compile"] = "skipped: --quick (compile takes minutes)" if quick else ""
+    return table
+
+
+REASONS: Dict[str, str] = {}
+
+
+class Case:
+    """Inputs, modules and output gradients for a list of levels run as one step."""
+
+    def __init__(self, factory, levels: List[Tuple[int, int, int]], B: int, K: int, dtype, device):
+        self.items = []
+        g = torch.Generator(device="cpu").manual_seed(0)
+        for N, C, H in levels:
+            mod = factory(C, H)
+            mod = mod.to(device=device)
+            q = torch.randn(B, K, C, generator=g).to(device).requires_grad_()
+            # tokens as a model makes them: a [B, C, N] map viewed as [B, N, C]
+            x = torch.randn(B, C, N, generator=g).to(device).transpose(1, 2).requires_grad_()
+            g_out = torch.randn(B, K, C, generator=g).to(device)
+            g_attn = torch.randn(B, K, H, N, generator=g).to(device)
+            self.items.append((mod, q, x, g_out, g_attn))
+        self.dtype = dtype
+        self.device = device
+        self.graph_outputs = None
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward(self):
+        with self._autocast():
+            return [mod(q, x) for mod, q, x, _, _ in self.items]
+
+    def forward_backward(self):
+        outs = self.forward()
+        tensors, grads = [], []
+        for (out, attn), (_, _, _, g_out, g_attn) in zip(outs, self.items):
+            tensors += [out, attn]
+            grads += [g_out.to(out.dtype), g_attn.to(attn.dtype)]
+        torch.autograd.backward(tensors, grads)
+
+    def prepare_backward(self):
+        """Run one forward and return a closure timing only the backward."""
+        outs = self.forward()
+        tensors, grads = [], []
+        for (out, attn), (_, _, _, g_out, g_attn) in zip(outs, self.items):
+            tensors += [out, attn]
+            grads += [g_out.to(out.dtype), g_attn.to(attn.dtype)]
+        return lambda: torch.autograd.backward(tensors, grads, retain_graph=True)
+
+    def bytes_moved(self, mode: str) -> int:
+        """Bytes a fused kernel must move: x read + S written (fwd); x read, dS read,
+        dx written (bwd); inputs in the compute dtype."""
+        esize = torch.tensor([], dtype=self.dtype).element_size()
+        total = 0
+        for mod, q, x, _, g_attn in self.items:
+            nx, ns = x.numel(), g_attn.numel()
+            fwd = (nx + ns) * esize
+            bwd = (2 * nx + ns) * esize
+            total += {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+        return total
+
+
+def shape_sets(device: torch.device, quick: bool):
+    """(label, levels, B, K) for each measured shape."""
+    if quick:
+        return [
+            ("set=quick", [(256, 32, 2)], 2, 3),
+            ("set=quick;sweep=1", [(1000, 24, 2)], 2, 3),
+        ]
+    sets = []
+    for (N, C, H) in LEVELS_2D:
+        sets.append((f"set=acdc2d;B=8;N={N};C={C};H={H};K=4", [(N, C, H)], 8, 4))
+    sets.append(("set=acdc2d-all-levels;B=8;K=4", LEVELS_2D, 8, 4))
+    if device.type == "cuda":
+        for (N, C, H) in LEVELS_2D:
+            sets.append((f"set=acdc2d-4x;B=32;N={N};C={C};H={H};K=4", [(N, C, H)], 32, 4))
+    for (N, C, H) in LEVELS_3D:
+        sets.append((f"set=amos3d;B=2;N={N};C={C};H={H};K=16", [(N, C, H)], 2, 16))
+    top = 20 if device.type == "cuda" else 16
+    for p in range(10, top + 1, 2):
+        N = 2**p
+        sets.append((f"set=sweep;sweep=1;B=2;N={N};C=64;H=4;K=4", [(N, 64, 4)], 2, 4))
+    return sets
+
+
+def main() -> None:
+    args = common.parse_args(
+        __doc__.splitlines()[0],
+        lambda p: (p.add_argument("--only", default=None, help="measure only shapes whose label contains this text"),
+                   p.add_argument("--providers", default=None, help="comma-separated provider names to run")),
+    )
+    device, dtype = args.device, args.dtype
+    env = common.environment(device)
+    rec = common.Recorder(OP, env)
+    table = providers(device, args.quick)
+    copy_bw = common.copy_bandwidth_gbs(device)
+    rec.add("device-copy", "fwd", "set=copy;bytes=268435456", dtype, "bandwidth", "GB/s", (copy_bw, copy_bw, copy_bw))
+    print(f"device: {env.device}; copy bandwidth {copy_bw:.1f} GB/s; dtype {dtype}")
+    graphs = [False, True] if device.type == "cuda" else [False]
+    if args.providers:
+        wanted = set(args.providers.split(","))
+        table = {k: v for k, v in table.items() if k in wanted}
+    for label, levels, B, K in shape_sets(device, args.quick):
+        if args.only and args.only not in label:
+            continue
+        if len(levels) == 1:
+            N, C, H = levels[0]
+            shape = label if "N=" in label else f"{label};B={B};N={N};C={C};H={H};K={K}"
+        else:
+            shape = label
+        for name, factory in table.items():
+            for use_graph in graphs:
+                prov = name + ("+cudagraph" if use_graph else "")
+                if factory is None:
+                    rec.add(prov, "fwd+bwd", shape, dtype, "time", REASONS.get(name) or "unsupported")
+                    continue
+                if use_graph and name == "published-compile":
+                    rec.add(prov, "fwd+bwd", shape, dtype, "time", "unsupported: compiled module inside a CUDA graph capture")
+                    continue
+                try:
+                    case = Case(factory, levels, B, K, dtype, device)
+                    for mode in ("fwd", "bwd", "fwd+bwd"):
+                        if mode == "fwd":
+                            fn = lambda: case.forward()
+                        elif mode == "bwd":
+                            if use_graph:
+                                continue  # a graph replays whole steps only
+                            fn = case.prepare_backward()
+                        else:
+                            fn = case.forward_backward
+                        vals = common.time_fn(fn, device, args.min_time, cuda_graph=use_graph)
+                        rec.add(prov, mode, shape, dtype, "time", "ms", vals)
+                        frac = case.bytes_moved(mode) / (vals[0] / 1e3) / 1e9 / copy_bw
+                        rec.add(prov, mode, shape, dtype, "bandwidth_fraction", "fraction_of_copy", (frac, frac, frac))
+                        mem = common.peak_memory_mb(fn, device) if not use_graph else None
+                        if mem is not None:
+                            rec.add(prov, mode, shape, dtype, "peak_memory", "MiB", (mem, mem, mem))
+                        elif device.type == "cpu" and mode == "fwd+bwd":
+                            rec.add(prov, mode, shape, dtype, "peak_memory", "unsupported: no CPU allocator statistics")
+                    del case
+                except Exception as exc:  # a provider that cannot run this shape
+                    reason = "oom" if common.is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    rec.add(prov, "fwd+bwd", shape, dtype, "time", reason)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                print(".", end="", flush=True)
+    print()
+    rec.print_table()
+    summarize(rec)
+    rec.write_csv(args.csv)
+    common.plot(rec.rows, args.plot, OP)
+
+
+def summarize(rec: common.Recorder) -> None:
+    """Speed-ups of each fused provider over each alternative (fwd+bwd medians)."""
+    times = {}
+    for r in rec.rows:
+        if r["metric"] == "time" and r["mode"] == "fwd+bwd" and r["p50"]:
+            times[(r["shape"], r["provider"])] = float(r["p50"])
+    shapes = sorted({s for s, _ in times})
+    fused = sorted({p for _, p in times if p.startswith("icl-") and p != "icl-torch"})
+    others = ["published-eager", "published-compile", "sdpa", "icl-torch"]
+    if not fused:
+        return
+    print("\nspeed-up (fwd+bwd, median) of the fused providers over the alternatives")
+    for shape in shapes:
+        for f in fused:
+            if (shape, f) not in times:
+                continue
+            parts = [f"{o}: {times[(shape, o)] / times[(shape, f)]:.2f}x" for o in others if (shape, o) in times]
+            print(f"  {shape:<44} {f:<14} " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Checkpoints: atomic writes, safe loading, compatibility checks, export.
+
+A training checkpoint is a dict of plain types and tensors (loadable with
+``torch.load(..., weights_only=True)``)::
+
+    format: "icl-checkpoint", version: 1, kind: "train" | "weights"
+    model_config: {arch, in_channels, num_classes, patch_size, mixer, global_queries, faithful, method}
+    data_config:  {dataset, preprocessing: {...}, spacing}
+    model: state_dict (the ICLNet, or the bare backbone for method "supervised")
+    iteration, best, config (the run's full config)
+    kind "train" only: optimizer, scaler, rng (per rank), sampler
+
+An exported backbone is a plain state_dict of the UNet (``UNet2D(...).load_state_dict(
+torch.load(f, weights_only=True))`` works); its ``_metadata["__icl__"]`` entry keeps the
+model and data config so that ``icl predict`` can use it too.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+FORMAT = "icl-checkpoint"
+VERSION = 1
+META_KEY = "__icl__"
+MODEL_KEYS = ("arch", "in_channels", "num_classes", "patch_size", "mixer", "global_queries", "faithful", "method")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model/run; the message says what differs."""
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path: str) -> Dict:
+    """Load an icl checkpoint or exported backbone safely (weights_only=True).
+
+    Returns a checkpoint dict; an exported backbone is returned as
+    {format, kind: "backbone", model_config, data_config, model}.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot load checkpoint safely ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if int(obj.get("version", 0)) > VERSION:
+            raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} is newer than this icl ({VERSION})")
+        obj["path"] = path
+        return obj
+    meta = getattr(obj, "_metadata", None)
+    if isinstance(obj, dict) and meta is not None and META_KEY in meta:
+        info = meta[META_KEY]
+        state = OrderedDict((k, v) for k, v in obj.items())
+        return {"format": FORMAT, "version": VERSION, "kind": "backbone", "path": path,
+                "model_config": dict(info.get("model_config", {})),
+                "data_config": dict(info.get("data_config", {})), "model": state,
+                "iteration": info.get("iteration"), "config": dict(info.get("config", {}))}
+    raise CheckpointError(
+        f"{path}: not an icl checkpoint (no 'format': '{FORMAT}' entry); published ICL state dicts can be "
+        f"loaded with ICLNet.load_published_state_dict"
+    )
+
+
+def describe_mismatch(stored: Dict, wanted: Dict, keys=MODEL_KEYS) -> Optional[str]:
+    diffs = []
+    for k in keys:
+        if k in wanted and wanted[k] is not None and k in stored:
+            a, b = stored[k], wanted[k]
+            if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+                a, b = list(a), list(b)
+            if a != b:
+                diffs.append(f"{k}={stored[k]!r} in the checkpoint but {wanted[k]!r} here")
+    return "; ".join(diffs) or None
+
+
+def check_compatible(ckpt: Dict, model_config: Dict, keys=MODEL_KEYS) -> None:
+    msg = describe_mismatch(ckpt.get("model_config", {}), model_config, keys)
+    if msg:
+        raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: does not fit this model: {msg}")
+
+
+def load_state(module: torch.nn.Module, state: Dict, what: str = "checkpoint") -> None:
+    """load_state_dict(strict) with a message listing missing/unexpected keys and shape differences."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"shapes differ (checkpoint vs model) for {shapes[:4]}{' ...' if len(shapes) > 4 else ''}")
+        if missing:
+            parts.append(f"missing keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        raise CheckpointError(f"{what}: does not fit the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def backbone_state(ckpt: Dict) -> Dict[str, torch.Tensor]:
+    """The backbone's own state dict from a full, supervised or exported checkpoint."""
+    state = ckpt["model"]
+    if ckpt.get("kind") == "backbone" or ckpt.get("model_config", {}).get("method") == "supervised":
+        return OrderedDict(state)
+    return OrderedDict((k[len("backbone."):], v) for k, v in state.items() if k.startswith("backbone."))
+
+
+def build_backbone(model_config: Dict) -> torch.nn.Module:
+    from .models import UNet2D, UNet3D
+
+    arch = model_config.get("arch")
+    cls = {"unet2d": UNet2D, "unet3d": UNet3D}.get(arch)
+    if cls is None:
+        raise CheckpointError(f"checkpoint model_config has unknown arch {arch!r}")
+    return cls(int(model_config["in_channels"]), int(model_config["num_classes"]))
+
+
+def backbone_from_checkpoint(ckpt: Dict, num_classes: Optional[int] = None,
+                             in_channels: Optional[int] = None) -> torch.nn.Module:
+    """The inference network (UNet2D/UNet3D) with the checkpoint's weights, in eval mode."""
+    mc = ckpt.get("model_config", {})
+    check_compatible(ckpt, {"num_classes": num_classes, "in_channels": in_channels})
+    net = build_backbone(mc)
+    load_state(net, backbone_state(ckpt), what=ckpt.get("path", "checkpoint"))
+    net.patch_size = tuple(mc.get("patch_size") or ())
+    net.eval()
+    return net
+
+
+def export_backbone(ckpt: Dict, out_path: str) -> None:
+    """Write a backbone-only state dict (plain UNet keys) with the icl config in its metadata."""
+    state = backbone_state(ckpt)
+    net = build_backbone(ckpt["model_config"])
+    load_state(net, state, what=ckpt.get("path", "checkpoint"))  # validates before writing
+    sd = net.state_dict()
+    sd._metadata[META_KEY] = {
+        "model_config": dict(ckpt.get("model_config", {})),
+        "data_config": dict(ckpt.get("data_config", {})),
+        "iteration": ckpt.get("iteration"),
+    }
+    save_atomic(sd, out_path)
+
+
+# ------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> Dict:
+    """Python, numpy and torch (CPU + CUDA) generator states as weights_only-safe values."""
+    st = {"python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    st["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(st["cuda"])
+        except (RuntimeError, IndexError):
+            pass

@@ -1,0 +1,201 @@
+"""Reading and writing the files of the supported layouts.
+
+Every failure raises :class:`DataError` with the path of the file and what was
+expected, so that a bad case in a data set of hundreds is found at once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data file or list is missing, unreadable or holds unexpected content."""
+
+
+@dataclass
+class Case:
+    """One volume (or image) with its label and geometry.
+
+    image: float32 [C, *spatial]; label: integer [*spatial] or None.
+    spacing: voxel size per spatial axis (None: unknown, metrics in voxels).
+    affine: 4x4 voxel-to-world matrix of a NIfTI source (None for h5).
+    meta: what is needed to write a prediction back in the source geometry.
+    """
+
+    name: str
+    image: np.ndarray
+    label: Optional[np.ndarray] = None
+    spacing: Optional[Tuple[float, ...]] = None
+    affine: Optional[np.ndarray] = None
+    path: str = ""
+    meta: Dict = field(default_factory=dict)
+
+
+def read_list(path: str) -> List[str]:
+    """Case names of a ``.list`` / ``.txt`` file, one per line (text after a comma is ignored)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: list file not found")
+    names = []
+    with open(path, "r") as f:
+        for line in f:
+            name = line.strip().split(",")[0].strip()
+            if name:
+                names.append(name)
+    if not names:
+        raise DataError(f"{path}: list file is empty")
+    return names
+
+
+def _check_label(label: np.ndarray, path: str, num_classes: Optional[int]) -> np.ndarray:
+    if label.dtype.kind == "f":
+        rounded = np.rint(label)
+        if not np.array_equal(rounded, label):
+            raise DataError(f"{path}: 'label' holds non-integer values; expected class indices")
+        label = rounded
+    elif label.dtype.kind not in "iub":
+        raise DataError(f"{path}: 'label' has dtype {label.dtype}; expected an integer type")
+    label = label.astype(np.int64, copy=False)
+    if label.size:
+        lo, hi = int(label.min()), int(label.max())
+        if lo < 0:
+            raise DataError(f"{path}: 'label' holds the negative value {lo}; expected 0..{(num_classes or 1) - 1}")
+        if num_classes is not None and hi >= num_classes:
+            raise DataError(
+                f"{path}: 'label' holds the value {hi} but num_classes is {num_classes} "
+                f"(labels must be < num_classes)"
+            )
+    return label
+
+
+def _channels_first(image: np.ndarray, spatial_dims: int, path: str) -> np.ndarray:
+    if image.ndim == spatial_dims:
+        image = image[None]
+    elif image.ndim != spatial_dims + 1:
+        raise DataError(
+            f"{path}: 'image' has shape {tuple(image.shape)}; expected {spatial_dims} spatial axes "
+            f"(optionally with a leading channel axis)"
+        )
+    return np.ascontiguousarray(image, dtype=np.float32)
+
+
+def read_h5(
+    path: str,
+    spatial_dims: int,
+    num_classes: Optional[int] = None,
+    need_label: bool = True,
+    index: Optional[Tuple[int, int]] = None,
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read ``image`` [C, *spatial] float32 and ``label`` [*spatial] int64 from an h5 file.
+
+    index=(axis, i): read only slice i along spatial axis ``axis`` (2D training
+    from 3D volumes); spatial_dims is then the dimension of the file's volume.
+    """
+    import h5py
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
+            if need_label and "label" not in f:
+                raise DataError(f"{path}: no 'label' dataset (keys: {sorted(f.keys())})")
+            dimg = f["image"]
+            if index is None:
+                image = dimg[()]
+                label = f["label"][()] if (need_label or "label" in f) and "label" in f else None
+            else:
+                axis, i = index
+                off = dimg.ndim - spatial_dims
+                sel = [slice(None)] * dimg.ndim
+                sel[off + axis] = i
+                image = dimg[tuple(sel)]
+                label = None
+                if "label" in f:
+                    dl = f["label"]
+                    lsel = [slice(None)] * dl.ndim
+                    lsel[axis] = i
+                    label = dl[tuple(lsel)]
+                spatial_dims -= 1
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read h5 file ({exc})") from exc
+    image = _channels_first(np.asarray(image), spatial_dims, path)
+    if label is not None:
+        label = _check_label(np.asarray(label), path, num_classes)
+        if tuple(label.shape) != tuple(image.shape[1:]):
+            raise DataError(
+                f"{path}: 'label' shape {tuple(label.shape)} differs from 'image' spatial shape {tuple(image.shape[1:])}"
+            )
+    return image, label
+
+
+def h5_shape(path: str) -> Tuple[int, ...]:
+    """Spatial shape of the 'label' (or 'image') dataset without reading it."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            key = "label" if "label" in f else "image"
+            if key not in f:
+                raise DataError(f"{path}: no 'image' dataset")
+            return tuple(f[key].shape)
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read h5 file ({exc})") from exc
+
+
+def write_h5(path: str, image: Optional[np.ndarray] = None, label: Optional[np.ndarray] = None, **extra) -> None:
+    import h5py
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with h5py.File(tmp, "w") as f:
+        if image is not None:
+            f.create_dataset("image", data=np.asarray(image, dtype=np.float32), compression="gzip")
+        if label is not None:
+            f.create_dataset("label", data=np.asarray(label), compression="gzip")
+        for k, v in extra.items():
+            f.attrs[k] = v
+    os.replace(tmp, path)
+
+
+def read_nifti(path: str):
+    """(data, affine, zooms, header) of a NIfTI file; data as stored (float or int)."""
+    import nibabel as nib
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+        return data, np.asarray(img.affine, dtype=np.float64), zooms, img.header
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise DataError(f"{path}: cannot read NIfTI file ({exc})") from exc
+
+
+def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, header=None) -> None:
+    import nibabel as nib
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(data, affine, header=hdr)
+    img.set_data_dtype(data.dtype)
+    if hdr is not None:
+        img.header.set_zooms(header.get_zooms()[: data.ndim])
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    base = os.path.basename(path)
+    ext = ".nii.gz" if base.endswith(".nii.gz") else ".nii"
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp_" + base[: -len(ext)] + ext)
+    nib.save(img, tmp)
+    os.replace(tmp, path)

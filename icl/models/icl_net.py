@@ -1,0 +1,204 @@
+"""ICLNet: a backbone with the two ICL heads (SSPA, USCL), and ``build_model``.
+
+Backbone contract: ``backbone(x, return_features=True) -> (logits [B, K, *S],
+feats)`` with ``feats`` the list of maps the heads attach to (coarse to fine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import icl_kernels
+
+from .head import ICLHead
+from .unet import UNet2D, UNet3D
+
+__all__ = ["ICLNet", "ICLOutputs", "build_model", "class_presence"]
+
+
+@dataclass
+class ICLOutputs:
+    """What ``ICLNet.forward_train`` returns (lists are per level, coarse to fine).
+
+    logits_lab [B_l, K, *S], logits_unlab [B_u, K, *S]; maps_lab (SSPA on the
+    labeled batch), maps_unlab (USCL on the unlabeled batch), maps_unlab_sspa
+    (SSPA on the unlabeled batch): [B, K, *S_level] each; queries_lab: SSPA's
+    updated labeled queries [B_l, K, C_level].
+    """
+
+    logits_lab: Tensor
+    logits_unlab: Tensor
+    maps_lab: List[Tensor]
+    maps_unlab: List[Tensor]
+    maps_unlab_sspa: List[Tensor]
+    queries_lab: Optional[List[Tensor]] = None
+
+
+def class_presence(labels: Tensor, num_classes: int) -> Tensor:
+    """[B, *S] (or [B, 1, *S]) integer labels -> [B, K] float, 1 where class k occurs in image b."""
+    flat = labels.reshape(labels.shape[0], -1)
+    present = torch.stack([(flat == k).any(dim=1) for k in range(num_classes)], dim=1)
+    return present.float()
+
+
+class ICLNet(nn.Module):
+    """A segmentation backbone trained with Inherent Consistent Learning.
+
+    Args:
+        backbone: module following the backbone contract (module docstring).
+        feature_channels: C_l of the backbone's feature maps (coarse to fine).
+        num_classes: K.
+        num_heads: attention heads per level.
+        feature_sizes: spatial size per level (needed for ``mixer="mlp"``).
+        mixer, faithful, backend, spatial_dims, drop_path, max_mixer_params: see ``ICLHead``.
+        global_queries: the queries of USCL at level l. ``"batch"`` (published):
+            the batch mean of SSPA's updated labeled queries at level l, with
+            gradients flowing. ``"memory"``: ``memories[l]``, a momentum
+            ``icl_kernels.PrototypeMemory`` updated (training mode only) with
+            SSPA's updated labeled queries, each sample-class weighted by the
+            presence of that class in the image's labels; its prototypes are used
+            detached.
+        momentum: the memories' momentum.
+
+    ``forward(x)`` -> backbone logits (inference). ``forward_train(x_lab, x_unlab,
+    labels_lab=None) -> ICLOutputs``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_channels: Sequence[int],
+        num_classes: int,
+        num_heads: Sequence[int],
+        feature_sizes: Optional[Sequence[Sequence[int]]] = None,
+        mixer: str = "conv",
+        global_queries: str = "memory",
+        faithful: bool = False,
+        momentum: float = 0.99,
+        backend: Optional[str] = None,
+        spatial_dims: int = 2,
+        drop_path: float = 0.02,
+        max_mixer_params: Optional[int] = 50_000_000,
+    ) -> None:
+        super().__init__()
+        if global_queries not in ("batch", "memory"):
+            raise ValueError(f"ICLNet: global_queries must be 'batch' or 'memory', got {global_queries!r}")
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.feature_channels = tuple(int(c) for c in feature_channels)
+        self.global_queries = global_queries
+        self.spatial_dims = spatial_dims
+        common = dict(
+            in_channels=self.feature_channels,
+            num_classes=num_classes,
+            num_heads=num_heads,
+            feature_sizes=feature_sizes,
+            mixer=mixer,
+            faithful=faithful,
+            drop_path=drop_path,
+            max_mixer_params=max_mixer_params,
+            backend=backend,
+            spatial_dims=spatial_dims,
+        )
+        self.sspa = ICLHead(**common)
+        # USCL always gets one query per level: it owns neither initial queries nor query convs.
+        self.uscl = ICLHead(**common, learned_queries=False, chain_queries=False)
+        if global_queries == "memory":
+            if not hasattr(icl_kernels, "PrototypeMemory"):
+                raise RuntimeError("ICLNet(global_queries='memory') needs icl_kernels.PrototypeMemory")
+            self.memories = nn.ModuleList(
+                icl_kernels.PrototypeMemory(self.num_classes, c, momentum=momentum) for c in self.feature_channels
+            )
+        else:
+            self.memories = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Inference: the backbone's logits only."""
+        return self.backbone(x, return_features=False)
+
+    def _global_queries(self, queries_lab: List[Tensor], labels_lab: Optional[Tensor]) -> List[Tensor]:
+        if self.global_queries == "batch":
+            return [q.mean(dim=0, keepdim=True) for q in queries_lab]
+        if self.training:
+            if labels_lab is None:
+                raise ValueError("ICLNet.forward_train: global_queries='memory' needs labels_lab")
+            weights = class_presence(labels_lab, self.num_classes)
+            with torch.no_grad():
+                for mem, q in zip(self.memories, queries_lab):
+                    mem.update(q.detach(), weights)
+        return [mem().detach().unsqueeze(0) for mem in self.memories]
+
+    def forward_train(self, x_lab: Tensor, x_unlab: Tensor, labels_lab: Optional[Tensor] = None) -> ICLOutputs:
+        """The published training flow (two backbone passes, SSPA twice, USCL once)."""
+        logits_lab, feats_lab = self.backbone(x_lab, return_features=True)
+        logits_unlab, feats_unlab = self.backbone(x_unlab, return_features=True)
+        maps_lab, queries_lab = self.sspa(feats_lab)
+        maps_unlab_sspa, _ = self.sspa(feats_unlab)
+        maps_unlab, _ = self.uscl(feats_unlab, self._global_queries(queries_lab, labels_lab))
+        return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab)
+
+    def backbone_state_dict(self) -> "Dict[str, Tensor]":
+        """The backbone's state_dict with its own keys (what the published scripts export)."""
+        return self.backbone.state_dict()
+
+    def load_published_state_dict(self, state: Dict[str, Tensor], strict: bool = True) -> None:
+        """Load a published full ``UNet_icl``/``unet_3D_icl`` state_dict (backbone keys,
+        ``sspa.*``, ``uscl.*``); the heads must be ``faithful=True, mixer='mlp'``."""
+        back = {k: v for k, v in state.items() if not k.startswith(("sspa.", "uscl."))}
+        self.backbone.load_state_dict(back, strict=strict)
+        for name in ("sspa", "uscl"):
+            sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            if sub or strict:
+                getattr(self, name).load_published_state_dict(sub, strict=strict)
+
+
+_ARCHS = {
+    # arch: (spatial_dims, feature channels, heads, downsampling of each level)
+    "unet2d": (2, (128, 64, 32), (8, 4, 2), (8, 4, 2)),
+    "unet3d": (3, (256, 128, 64), (16, 8, 4), (16, 8, 4)),
+}
+
+
+def build_model(
+    arch: str,
+    in_channels: int,
+    num_classes: int,
+    patch_size: Sequence[int],
+    mixer: str = "conv",
+    global_queries: str = "memory",
+    faithful: bool = False,
+    backend: Optional[str] = None,
+    max_mixer_params: Optional[int] = 50_000_000,
+    momentum: float = 0.99,
+) -> ICLNet:
+    """The published ICL model: ``"unet2d"`` (ICL on 128/64/32 ch at patch/8, /4, /2,
+    heads 8/4/2) or ``"unet3d"`` (256/128/64 ch at patch/16, /8, /4, heads 16/8/4)."""
+    if arch not in _ARCHS:
+        raise ValueError(f"build_model: arch must be one of {sorted(_ARCHS)}, got {arch!r}")
+    dims, chans, heads, strides = _ARCHS[arch]
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != dims:
+        raise ValueError(f"build_model: {arch} needs a {dims}-D patch_size, got {patch}")
+    if any(p <= 0 or p % 16 for p in patch):
+        raise ValueError(
+            f"build_model: every patch_size entry must be a positive multiple of 16 (the {arch} downsampling), got {patch}"
+        )
+    backbone = UNet2D(in_channels, num_classes) if dims == 2 else UNet3D(in_channels, num_classes)
+    sizes = [tuple(p // s for p in patch) for s in strides]
+    return ICLNet(
+        backbone,
+        chans,
+        num_classes,
+        heads,
+        feature_sizes=sizes,
+        mixer=mixer,
+        global_queries=global_queries,
+        faithful=faithful,
+        momentum=momentum,
+        backend=backend,
+        spatial_dims=dims,
+        max_mixer_params=max_mixer_params,
+    )
