@@ -6,7 +6,7 @@ feats)`` with ``feats`` the list of maps the heads attach to (coarse to fine).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,12 @@ def class_presence(labels: Tensor, num_classes: int) -> Tensor:
     return present.float()
 
 
+def _freeze_query_output(decoder: nn.Module) -> None:
+    """Freeze what only the updated queries of a class decoder depend on."""
+    for mod in (decoder.attn.proj, decoder.norm2, decoder.mlp):
+        mod.requires_grad_(False)
+
+
 class ICLNet(nn.Module):
     """A segmentation backbone trained with Inherent Consistent Learning.
 
@@ -62,6 +68,11 @@ class ICLNet(nn.Module):
             presence of that class in the image's labels; its prototypes are used
             detached.
         momentum: the memories' momentum.
+
+    Parameters that never receive a gradient in this flow are frozen
+    (``requires_grad=False``): USCL's query output path (``attn.proj``, ``norm2``,
+    ``mlp`` of each class decoder) and, in memory mode, SSPA's last-level one; so
+    every trainable parameter gets a gradient each step (DDP-safe).
 
     ``forward(x)`` -> backbone logits (inference). ``forward_train(x_lab, x_unlab,
     labels_lab=None) -> ICLOutputs``.
@@ -106,7 +117,14 @@ class ICLNet(nn.Module):
         self.sspa = ICLHead(**common)
         # USCL always gets one query per level: it owns neither initial queries nor query convs.
         self.uscl = ICLHead(**common, learned_queries=False, chain_queries=False)
+        # Parameters that produce only unused outputs get no gradient; freezing them keeps
+        # every trainable parameter used (DDP without find_unused_parameters). USCL's updated
+        # queries are never used (as published); in memory mode SSPA's last-level updated
+        # queries only feed the (detached) memory.
+        for dec in self.uscl.class_decoders:
+            _freeze_query_output(dec)
         if global_queries == "memory":
+            _freeze_query_output(self.sspa.class_decoders[-1])
             if not hasattr(icl_kernels, "PrototypeMemory"):
                 raise RuntimeError("ICLNet(global_queries='memory') needs icl_kernels.PrototypeMemory")
             self.memories = nn.ModuleList(
@@ -115,9 +133,9 @@ class ICLNet(nn.Module):
         else:
             self.memories = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Inference: the backbone's logits only."""
-        return self.backbone(x, return_features=False)
+    def forward(self, x: Tensor, return_features: bool = False):
+        """Inference: the backbone's logits only (``return_features``: also its feature maps)."""
+        return self.backbone(x, return_features=return_features)
 
     def _global_queries(self, queries_lab: List[Tensor], labels_lab: Optional[Tensor]) -> List[Tensor]:
         if self.global_queries == "batch":
