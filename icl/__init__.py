@@ -13,3 +13,9 @@ __all__ = [
     "consistency_rampup",
     "icl_losses",
 ]
+
+# Data, training, evaluation and inference (icl/data, icl/train.py, icl/inference.py, icl/cli.py).
+# ``icl.train`` is the trainer module: ``from icl.train import train, TrainConfig``.
+from .inference import predict  # noqa: E402
+
+__all__ += ["predict"]

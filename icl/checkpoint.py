@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch

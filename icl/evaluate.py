@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -75,7 +75,9 @@ def _clean(v):
         return {str(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
-    return v
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    return repr(v)  # e.g. a user's augmentation callable in a config
 
 
 def json_ready(obj):

@@ -38,18 +38,17 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt_mod
-from .data import (DATASETS, DataError, IntensityAugment, TrainAugment, TrainDataset, TwoStreamBatchSampler,
+from .data import (DATASETS, IntensityAugment, TrainAugment, TrainDataset, TwoStreamBatchSampler,
                    build_source, make_splits)
 from .evaluate import evaluate_cases, json_ready, write_results
 from .inference import autocast
@@ -95,6 +94,7 @@ class TrainConfig:
     mixer: str = "conv"
     global_queries: str = "memory"
     faithful: bool = False
+    max_mixer_params: Optional[int] = 50_000_000
     backend: str = "auto"
     # optimisation
     batch_size: Optional[int] = None
@@ -150,6 +150,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag} is required")
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset {self.dataset!r}: unknown data set; expected one of {', '.join(DATASETS)}")
+        if not os.path.isdir(self.root):
+            raise ConfigError(f"--root {self.root}: directory not found")
         if (self.labeled_num is None) == (self.labeled_fraction is None):
             raise ConfigError("give exactly one of --labeled-num and --labeled-fraction")
         self.patch_size = [int(p) for p in self.patch_size]
@@ -159,6 +161,11 @@ class TrainConfig:
             raise ConfigError(
                 f"--patch-size {' '.join(map(str, self.patch_size))}: every size must be a positive multiple of 16 "
                 f"(the UNet downsamples 16x)"
+            )
+        if len(self.patch_size) == 3 and all(p == 16 for p in self.patch_size):
+            raise ConfigError(
+                "--patch-size 16 16 16: the 3D UNet's bottleneck would be a single voxel, which its "
+                "InstanceNorm cannot normalise in training; make at least one size 32 or more"
             )
         if int(self.num_classes) < 2:
             raise ConfigError(f"--num-classes must be at least 2 (background + one class), got {self.num_classes}")
@@ -328,6 +335,11 @@ class _SignalGuard:
         return False
 
 
+def _worker_init(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which checkpoints before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def seed_everything(seed: int, rank: int = 0) -> None:
     import random
 
@@ -398,6 +410,11 @@ class _Trainer:
             self.dist.barrier()
         self.splits = make_splits(self.source, cfg.spatial_dims, cfg.labeled_num, cfg.labeled_fraction,
                                   seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+        if hasattr(self.source, "prepare"):  # evaluation cases too (NIfTI: no re-reading per validation)
+            if self.dist.main:
+                self.source.prepare(list(self.splits.val) + list(self.splits.test), progress=cfg.progress,
+                                    for_eval=True)
+            self.dist.barrier()
         # channels
         img, _ = self.source.load_item(self.splits.items[0])
         data_ch = int(img.shape[0])
@@ -413,6 +430,8 @@ class _Trainer:
         from .models import UNet2D, UNet3D, build_model
 
         backend = None if cfg.backend == "auto" else cfg.backend
+        if backend is None and cfg.amp != "none" and self.device.type == "cpu":
+            backend = "torch"  # the C++ CPU kernel takes float32/float64 only; autocast gives it bf16/fp16
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         if cfg.method == "supervised":
             cls = UNet2D if cfg.spatial_dims == 2 else UNet3D
@@ -422,7 +441,8 @@ class _Trainer:
             try:
                 self.net = build_model("unet2d" if cfg.spatial_dims == 2 else "unet3d", cfg.in_channels,
                                        cfg.num_classes, tuple(cfg.patch_size), mixer=cfg.mixer,
-                                       global_queries=cfg.global_queries, faithful=cfg.faithful, backend=backend)
+                                       global_queries=cfg.global_queries, faithful=cfg.faithful, backend=backend,
+                                       max_mixer_params=cfg.max_mixer_params)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
             self.backbone = self.net.backbone
@@ -448,10 +468,6 @@ class _Trainer:
             w = dataclasses.replace(w, **{k: float(v) for k, v in cfg.loss_weights.items()})
         self.loss_weights = w
 
-    def _state(self):
-        st = {"iteration": 0, "best": None, "val": []}
-        return st
-
     # -- checkpoints -----------------------------------------------------------
     def _data_config(self) -> Dict:
         return {"dataset": self.cfg.dataset, "preprocessing": self.source.preprocessing(),
@@ -464,8 +480,15 @@ class _Trainer:
              "iteration": self.iteration, "best": self.best, "val": self.val_history}
         return c
 
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) to every rank, as DDP does before each forward."""
+        if self.dist.enabled:
+            for b in self.net.buffers():
+                self.dist.dist.broadcast(b.data, 0)
+
     def save_last(self) -> str:
         """Collective under DDP (gathers RNG states); rank 0 writes."""
+        self.sync_buffers()
         rngs = self.dist.gather_objects(ckpt_mod.rng_state())
         path = os.path.join(self.ckpt_dir, "last.pt")
         if self.dist.main:
@@ -489,8 +512,8 @@ class _Trainer:
             return p
         return str(r)
 
-    def _resume(self, path: str):
-        c = ckpt_mod.load(path)
+    def _resume(self, c: Dict):
+        path = c["path"]
         if c.get("kind") != "train":
             raise ckpt_mod.CheckpointError(f"{path}: holds weights only (kind {c.get('kind')!r}); --resume needs "
                                            f"a training checkpoint such as checkpoints/last.pt")
@@ -619,7 +642,7 @@ class _Trainer:
         self._test = test
         self._write_metrics(test)
         try:
-            from .plots import overlay, training_curves
+            from .utils import overlay, training_curves
 
             training_curves(self.log_path, self.val_history, os.path.join(self.out, "plots"))
             for case, pred in res["examples"]:
@@ -641,12 +664,16 @@ class _Trainer:
         self.versions = versions()
         self.iteration, self.best, self.val_history, self._test = 0, None, [], None
         self._bar = None
+        resume = self._resume_path()
+        ck = None
+        if resume:  # check the checkpoint fits before reading any data
+            ck = ckpt_mod.load(resume)
+            ckpt_mod.check_compatible(ck, cfg.model_config())
         self._setup_data()
         self._setup_model()
-        resume = self._resume_path()
         seed_everything(cfg.seed, self.dist.rank)
-        if resume:
-            self._resume(resume)
+        if ck is not None:
+            self._resume(ck)
         if self.dist.main:
             import yaml
 
@@ -679,7 +706,7 @@ class _Trainer:
         gen.manual_seed(cfg.seed)
         loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
                                              pin_memory=self.device.type == "cuda", generator=gen,
-                                             persistent_workers=False)
+                                             worker_init_fn=_worker_init if cfg.num_workers else None)
         from tqdm import tqdm
 
         self.net.train()
@@ -717,6 +744,7 @@ class _Trainer:
         finally:
             bar.close()
             self._bar = None
+        self.sync_buffers()
 
     def _step(self, batch) -> Dict[str, torch.Tensor]:
         cfg = self.cfg

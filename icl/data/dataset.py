@@ -1,7 +1,7 @@
 """Torch data sets over a :class:`~icl.data.sources.Source`."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import numpy as np
 import torch

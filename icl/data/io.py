@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -43,6 +43,9 @@ def read_list(path: str) -> List[str]:
     with open(path, "r") as f:
         for line in f:
             name = line.strip().split(",")[0].strip()
+            for ext in (".nii.gz", ".nii", ".h5"):  # lists that name files (e.g. AMOS) -> case names
+                if name.endswith(ext):
+                    name = name[: -len(ext)]
             if name:
                 names.append(name)
     if not names:
@@ -190,6 +193,7 @@ def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, header=None) ->
     hdr = header.copy() if header is not None else None
     img = nib.Nifti1Image(data, affine, header=hdr)
     img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
     if hdr is not None:
         img.header.set_zooms(header.get_zooms()[: data.ndim])
     img.set_qform(affine, code=1)

@@ -11,7 +11,7 @@ CT -> ``ct``, anything else -> ``zscore``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage

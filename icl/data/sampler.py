@@ -73,13 +73,20 @@ class TwoStreamBatchSampler(Sampler):
         self._unl = _Stream(unlabeled_indices, self.seed, 1) if self.unlabeled_bs else None
 
     def batch(self, step: int) -> List[Tuple[int, int]]:
-        """The (index, key) pairs of this rank's batch at ``step``."""
-        lab = self._lab.take((step * self.world_size + self.rank) * self.labeled_bs, self.labeled_bs)
-        unl = []
+        """The (index, key) pairs of this rank's batch at ``step``.
+
+        Keys number the positions of each stream (labeled even, unlabeled odd),
+        so a labeled-only run with the same ``labeled_bs`` and seed (the
+        supervised baseline) sees the same labeled samples with the same augmentations.
+        """
+        p0 = (step * self.world_size + self.rank) * self.labeled_bs
+        lab = self._lab.take(p0, self.labeled_bs)
+        out = [(idx, 2 * (p0 + j)) for j, idx in enumerate(lab)]
         if self._unl is not None:
-            unl = self._unl.take((step * self.world_size + self.rank) * self.unlabeled_bs, self.unlabeled_bs)
-        base = (step * self.world_size + self.rank) * self.batch_size
-        return [(idx, base + j) for j, idx in enumerate(lab + unl)]
+            u0 = (step * self.world_size + self.rank) * self.unlabeled_bs
+            unl = self._unl.take(u0, self.unlabeled_bs)
+            out += [(idx, 2 * (u0 + j) + 1) for j, idx in enumerate(unl)]
+        return out
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         step = self.step

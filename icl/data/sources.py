@@ -7,7 +7,6 @@ volumes for 3D models.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -297,9 +296,16 @@ class NiftiSource(Source):
         for folder in ("imagesTr", "imagesTs"):
             d = os.path.join(self.root, folder)
             found: Dict[str, Dict[int, str]] = {}
-            if os.path.isdir(d):
-                for fn in sorted(os.listdir(d)):
-                    m = pat.match(fn)
+            files = sorted(fn for fn in os.listdir(d) if fn.endswith(self.ending)) if os.path.isdir(d) else []
+            n_ch = len(self.modalities)
+            matches = [pat.match(fn) for fn in files]
+            nnunet = all(m is not None and int(m.group(2)) < n_ch for m in matches)
+            if not nnunet and n_ch == 1:
+                # Decathlon style (one channel, <case><ending>): e.g. AMOS's imagesTr/amos_0016.nii.gz
+                for fn in files:
+                    found[fn[: -len(self.ending)]] = {0: os.path.join(d, fn)}
+            else:
+                for fn, m in zip(files, matches):
                     if m:
                         found.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(d, fn)
             cases = {}
@@ -313,7 +319,8 @@ class NiftiSource(Source):
                 cases[case] = [chans[c] for c in want]
             self._images[folder] = cases
         if not self._images["imagesTr"]:
-            raise DataError(f"{os.path.join(self.root, 'imagesTr')}: no images named <case>_0000{self.ending}")
+            raise DataError(f"{os.path.join(self.root, 'imagesTr')}: no images named <case>_0000{self.ending} "
+                            f"(or <case>{self.ending} for one channel)")
 
     def _label_path(self, name) -> Optional[str]:
         for folder in ("labelsTr", "labelsTs"):
@@ -357,13 +364,28 @@ class NiftiSource(Source):
         raise DataError(f"{self.root}: case {name!r} not found in imagesTr/ or imagesTs/")
 
     def load_case(self, name, need_label=True):
+        """The model-space image with the original-grid label; from the cache when
+        :meth:`prepare` wrote it for evaluation (no affine/header then), else from the files."""
+        meta_path = self._cached(name)[0][: -len("_img.npy")] + "_meta.json"
+        if self.cache_dir is not None and os.path.isfile(meta_path):
+            try:
+                with open(meta_path) as f:
+                    meta = json.load(f)
+                image = np.load(self._cached(name)[0])
+                orig = meta_path[: -len("_meta.json")] + "_orig.npy"
+                label = np.load(orig).astype(np.int64) if os.path.isfile(orig) else None
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{meta_path}: cannot read cached case ({exc}); delete the cache folder") from exc
+            if label is not None or not need_label:
+                return Case(name=name, image=image, label=label, spacing=tuple(meta["spacing"]),
+                            path=meta["path"], meta={"original_shape": tuple(meta["original_shape"])})
         paths = self._channel_paths(name)
         lp = self._label_path(name)
         if need_label and lp is None:
             raise DataError(f"{os.path.join(self.root, 'labelsTr', name + self.ending)}: label file not found")
         return load_nifti_case(paths, lp, self.preprocessing(), self.num_classes, name=name)
 
-    # -- training cache ------------------------------------------------------
+    # -- cache ---------------------------------------------------------------
     def _cache_root(self) -> str:
         spec = json.dumps(self.preprocessing(), sort_keys=True)
         key = hashlib.sha1(spec.encode()).hexdigest()[:10]
@@ -374,22 +396,39 @@ class NiftiSource(Source):
         d = self._cache_root()
         return os.path.join(d, f"{name}_img.npy"), os.path.join(d, f"{name}_seg.npy")
 
-    def prepare(self, names: Optional[Sequence[str]] = None, progress: bool = True) -> None:
-        """Write the preprocessed arrays of the training cases to the cache (skips those present)."""
+    def prepare(self, names: Optional[Sequence[str]] = None, progress: bool = True, for_eval: bool = False) -> None:
+        """Write preprocessed arrays to the cache (skipping those present): the model-space
+        image and label for training; with ``for_eval`` also the original-grid label and geometry."""
         from tqdm import tqdm
 
         names = list(names) if names is not None else self.cases("train")
-        todo = [n for n in names if not os.path.isfile(self._cached(n)[0])]
+
+        def done(n):
+            ip = self._cached(n)[0]
+            return os.path.isfile(ip) and (not for_eval or os.path.isfile(ip[: -len("_img.npy")] + "_meta.json"))
+
+        todo = [n for n in names if not done(n)]
         if not todo:
             return
         os.makedirs(self._cache_root(), exist_ok=True)
+        ldt = np.int16 if self.num_classes is None or self.num_classes < 32000 else np.int32
         for n in tqdm(todo, desc="preprocessing NIfTI", disable=not progress, leave=False):
-            case = self.load_case(n, need_label=False)
+            paths = self._channel_paths(n)
+            case = load_nifti_case(paths, self._label_path(n), self.preprocessing(), self.num_classes, name=n)
             label = case.meta.get("label_resampled")
             ip, sp = self._cached(n)
             if label is not None:
-                _atomic_npy(sp, label.astype(np.int16 if self.num_classes is None or self.num_classes < 32000 else np.int32))
+                _atomic_npy(sp, label.astype(ldt))
             _atomic_npy(ip, case.image)
+            if for_eval:
+                base = ip[: -len("_img.npy")]
+                if case.label is not None:
+                    _atomic_npy(base + "_orig.npy", case.label.astype(ldt))
+                meta = {"spacing": list(case.spacing), "original_shape": list(case.meta["original_shape"]),
+                        "path": case.path}
+                with open(base + "_meta.json.tmp", "w") as f:
+                    json.dump(meta, f)
+                os.replace(base + "_meta.json.tmp", base + "_meta.json")
 
     def train_items(self, spatial_dims):
         names = self.cases("train")

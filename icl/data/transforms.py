@@ -166,6 +166,8 @@ class IntensityAugment:
     @classmethod
     def from_config(cls, value) -> Optional["IntensityAugment"]:
         """None/False/'none' -> None; True/'default' -> default(); a dict -> fields; a list of names -> p=0.3 each."""
+        if isinstance(value, cls) or (callable(value) and not isinstance(value, (str, type))):
+            return value  # an IntensityAugment or any callable(image, rng) -> image
         if value in (None, False, "none", "", []):
             return None
         if value is True or value == "default":

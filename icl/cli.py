@@ -1,0 +1,399 @@
+"""Command line: ``icl train | evaluate | predict | export | synthetic`` (also ``python -m icl``).
+
+Mistakes on the command line (a missing root, a labeled count outside the
+ACDC table, a patch size the network cannot take, an unknown data set, a
+checkpoint that does not fit) print one line on stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("data")
+    g.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (flags override it)")
+    g.add_argument("--dataset", choices=None, metavar="{acdc,la,brats2019,nifti,synthetic}", default=S)
+    g.add_argument("--root", metavar="DIR", default=S, help="data set folder")
+    g.add_argument("--num-classes", type=int, metavar="K", default=S, help="classes including background")
+    g.add_argument("--labeled-num", type=int, metavar="N", default=S,
+                   help="labeled patients (ACDC 2D: 3, 7, 14, 21, 28, 35, 140) or cases")
+    g.add_argument("--labeled-fraction", type=float, metavar="F", default=S,
+                   help="label the first fraction F of the training slices/cases")
+    g.add_argument("--patch-size", type=int, nargs="+", metavar="S", default=S,
+                   help="2 sizes: 2D UNet (e.g. 256 256); 3 sizes: 3D UNet (e.g. 96 96 96)")
+    g.add_argument("--in-channels", type=int, metavar="C", default=S, help="input channels (default: from the data)")
+    g.add_argument("--slice-axis", type=int, default=S, help="spatial axis 2D models cut volumes along")
+    g.add_argument("--spacing", type=float, nargs="+", default=S, help="voxel size of h5 data (for HD95/ASD in mm)")
+    g.add_argument("--normalization", nargs="+", default=S,
+                   help="NIfTI: per-channel scheme ct|zscore|percentile|none (default from dataset.json)")
+    g.add_argument("--target-spacing", type=float, nargs="+", default=S, help="NIfTI: resample to this voxel size")
+    g.add_argument("--ct-window", type=float, nargs=2, default=S, help="NIfTI CT window (default -175 250)")
+    g.add_argument("--cache-dir", default=S, help="NIfTI: preprocessed-array cache (default OUT/cache)")
+    g.add_argument("--val-fraction", type=float, default=S, help="share of cases drawn for validation when no list")
+    g.add_argument("--intensity-aug", default=S, metavar="LIST",
+                   help="intensity augmentations: 'default' or a list from gamma,noise,bias")
+    g.add_argument("--num-workers", type=int, default=S)
+    g = p.add_argument_group("model and method")
+    g.add_argument("--method", choices=["icl", "supervised"], default=S)
+    g.add_argument("--mixer", choices=["conv", "mlp"], default=S)
+    g.add_argument("--global-queries", choices=["memory", "batch"], default=S)
+    g.add_argument("--faithful", action="store_true", default=S, help="published head quirks (for equivalence)")
+    g.add_argument("--max-mixer-params", type=int, default=S,
+                   help="limit on the parameters of mixer=mlp (the published 2D head needs ~1.1e9)")
+    g.add_argument("--backend", choices=["auto", "triton", "cuda", "cpu", "torch"], default=S)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, metavar="B", default=S, help="per rank (default 16 2D, 4 3D)")
+    g.add_argument("--labeled-bs", type=int, metavar="L", default=S, help="labeled items per batch (default B/2)")
+    g.add_argument("--max-iterations", type=int, metavar="T", default=S)
+    g.add_argument("--base-lr", type=float, default=S)
+    g.add_argument("--weight-decay", type=float, default=S)
+    g.add_argument("--consistency-rampup", type=float, default=S, help="sigmoid ramp-up length (0: none)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S)
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--deterministic", action="store_true", default=S)
+    g.add_argument("--device", default=S, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", default=S)
+    g.add_argument("--val-every", type=int, metavar="V", default=S)
+    g.add_argument("--save-every", type=int, metavar="N", default=S)
+    g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT", default=S,
+                   help="continue from OUT/checkpoints/last.pt (or CKPT)")
+    g.add_argument("--overlap", type=float, default=S, help="3D sliding-window overlap")
+    g.add_argument("--no-test", dest="test", action="store_false", default=S, help="skip the final test evaluation")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="icl", description="Semi-supervised segmentation with Inherent Consistent Learning")
+    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,synthetic}")
+    sub.required = True
+    t = sub.add_parser("train", help="train a model (ICL or the supervised baseline)")
+    _add_train_args(t)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--dataset", help="default: the checkpoint's")
+    e.add_argument("--root", required=True)
+    e.add_argument("--split", default="test", choices=["test", "val", "train"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--num-classes", type=int, help="check against the checkpoint")
+    e.add_argument("--overlap", type=float, default=0.5)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device")
+    e.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    e.add_argument("--spacing", type=float, nargs="+")
+    e.add_argument("--no-progress", dest="progress", action="store_false")
+
+    r = sub.add_parser("predict", help="segment h5 or NIfTI files")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("inputs", nargs="+", metavar="INPUT", help=".h5, .nii, .nii.gz files or folders of them")
+    r.add_argument("--out", required=True)
+    r.add_argument("--overlap", type=float, default=0.5)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--slice-axis", type=int, help="default: the checkpoint's")
+    r.add_argument("--device")
+    r.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    r.add_argument("--no-progress", dest="progress", action="store_false")
+
+    x = sub.add_parser("export", help="write a backbone-only checkpoint (plain UNet state dict)")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+
+    s = sub.add_parser("synthetic", help="write a tiny synthetic data set")
+    s.add_argument("--out", required=True)
+    s.add_argument("--layout", default="acdc", choices=["acdc", "la", "brats", "nifti"])
+    s.add_argument("--num-train", type=int, default=8)
+    s.add_argument("--num-val", type=int, default=2)
+    s.add_argument("--num-test", type=int, default=2)
+    s.add_argument("--shape", type=int, nargs="+")
+    s.add_argument("--num-classes", type=int)
+    s.add_argument("--in-channels", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _train_config(args: argparse.Namespace):
+    import yaml
+
+    from .train import ConfigError, TrainConfig
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    base: Dict = {}
+    if getattr(args, "config", None):
+        path = args.config
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: file not found")
+        try:
+            with open(path) as f:
+                base = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(base, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of option: value")
+        base = {str(k).replace("-", "_"): v for k, v in base.items()}
+        TrainConfig.from_dict(base, origin=f"--config {path}")  # validates the keys
+    if "labeled_num" in given or "labeled_fraction" in given:
+        base.pop("labeled_num", None)
+        base.pop("labeled_fraction", None)
+    if "normalization" in given and isinstance(given["normalization"], list) and len(given["normalization"]) == 1:
+        given["normalization"] = given["normalization"][0]
+    base.update(given)
+    return TrainConfig.from_dict(base)
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = _train_config(args)
+    result = train(cfg)
+    if result.metrics.get("test"):
+        t = result.metrics["test"]["mean"]
+        _say(f"test ({result.metrics['test']['num_cases']} cases, {result.metrics['test']['checkpoint']} "
+             f"checkpoint): Dice {_f(t.get('dice'))}, Jaccard {_f(t.get('jaccard'))}, HD95 {_f(t.get('hd95'))}, "
+             f"ASD {_f(t.get('asd'))}")
+    _say(f"results in {result.out}")
+    return 0
+
+
+def _say(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr)
+
+
+def _f(v):
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _splits_for(ckpt: Dict, source, split: str) -> List[str]:
+    """Case names of ``split``: the data set's list, else the run's splits.json, else recomputed from the config."""
+    if source.has_split(split) and split != "train":
+        return source.cases(split)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt["path"])))
+    rec = os.path.join(run_dir, "splits.json")
+    if os.path.isfile(rec):
+        with open(rec) as f:
+            d = json.load(f)
+        key = {"train": "train_cases"}.get(split, split)
+        if d.get(key):
+            return list(d[key])
+    from .data import make_splits
+
+    cfg = ckpt.get("config") or {}
+    dims = len(ckpt["model_config"]["patch_size"])
+    sp = make_splits(source, dims, cfg.get("labeled_num"), cfg.get("labeled_fraction") if cfg.get("labeled_num") is None else None,
+                     seed=cfg.get("seed", 1337), val_fraction=cfg.get("val_fraction", 0.2),
+                     test_fraction=cfg.get("test_fraction", 0.2))
+    if split == "train":
+        return list(dict.fromkeys(it.case for it in sp.items))
+    return sp.val if split == "val" else sp.test
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from . import checkpoint as C
+    from .data import build_source
+    from .evaluate import evaluate_cases, json_ready, write_results
+    from .train import ConfigError
+
+    ck = C.load(args.checkpoint)
+    mc, dc = ck["model_config"], ck.get("data_config", {})
+    dataset = args.dataset or dc.get("dataset")
+    if not dataset:
+        raise ConfigError("--dataset is required (the checkpoint does not name one)")
+    net = C.backbone_from_checkpoint(ck, num_classes=args.num_classes)
+    prep = dc.get("preprocessing") or {}
+    opts = {"slice_axis": prep.get("slice_axis"), "spacing": args.spacing or dc.get("spacing")}
+    if prep.get("layout") == "nifti":
+        opts.update(normalization=prep.get("normalization"), target_spacing=prep.get("target_spacing"),
+                    ct_window=prep.get("ct_window"))
+    source = build_source(dataset, args.root, int(mc["num_classes"]), **opts)
+    names = _splits_for(ck, source, args.split)
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(device)
+    res = evaluate_cases(net, source, names, int(mc["num_classes"]), mc["patch_size"], overlap=args.overlap,
+                         batch_size=args.batch_size, device=device, amp=args.amp, progress=args.progress,
+                         desc=f"evaluate {args.split}")
+    paths = write_results(args.out, res, prefix=f"{args.split}_")
+    m = res["summary"]["mean"]
+    _say(f"{args.split}: {len(names)} cases, Dice {_f(m.get('dice'))}, Jaccard {_f(m.get('jaccard'))}, "
+         f"HD95 {_f(m.get('hd95'))}, ASD {_f(m.get('asd'))}; wrote {paths['csv']} and {paths['json']}")
+    return 0
+
+
+def _collect_inputs(inputs: Sequence[str]):
+    from .train import ConfigError
+
+    files = []
+    for inp in inputs:
+        if os.path.isdir(inp):
+            found = sorted(glob.glob(os.path.join(inp, "*.h5")) + glob.glob(os.path.join(inp, "*.nii"))
+                           + glob.glob(os.path.join(inp, "*.nii.gz")))
+            if not found:
+                raise ConfigError(f"INPUT {inp}: no .h5, .nii or .nii.gz files in this folder")
+            files.extend(found)
+        elif os.path.isfile(inp):
+            if not (inp.endswith(".h5") or inp.endswith(".nii") or inp.endswith(".nii.gz")):
+                raise ConfigError(f"INPUT {inp}: expected a .h5, .nii or .nii.gz file")
+            files.append(inp)
+        else:
+            raise ConfigError(f"INPUT {inp}: no such file or folder")
+    return files
+
+
+def _nifti_groups(files: Sequence[str], in_channels: int):
+    """Group NIfTI files into cases: <case>_XXXX.nii.gz channel files, or one file per case."""
+    import re
+
+    from .train import ConfigError
+
+    groups: Dict[str, Dict[int, str]] = {}
+    singles = []
+    for f in files:
+        base = os.path.basename(f)
+        stem = base[:-7] if base.endswith(".nii.gz") else base[:-4]
+        m = re.match(r"^(.*)_(\d{4})$", stem)
+        if m and in_channels == 1 and m.group(2) != "0000":
+            m = None  # one channel: amos_0016.nii.gz is a case, not channel 16
+        if m:
+            groups.setdefault(os.path.join(os.path.dirname(f), m.group(1)), {})[int(m.group(2))] = f
+        else:
+            singles.append((stem, [f]))
+    cases = []
+    for key, ch in sorted(groups.items()):
+        if sorted(ch) != list(range(in_channels)):
+            raise ConfigError(f"INPUT {key}_XXXX: channel files {sorted(ch)} found; the model takes "
+                              f"{in_channels} channel(s) (_0000 .. _{in_channels - 1:04d})")
+        cases.append((os.path.basename(key), [ch[c] for c in range(in_channels)]))
+    for stem, fl in singles:
+        if in_channels != 1:
+            raise ConfigError(f"INPUT {fl[0]}: the model takes {in_channels} channels; name the files <case>_0000.nii.gz ...")
+        cases.append((stem, fl))
+    return cases
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from . import checkpoint as C
+    from .data import load_nifti_case, read_h5, write_h5, write_nifti
+    from .evaluate import restore_geometry
+    from .inference import predict
+
+    ck = C.load(args.checkpoint)
+    mc = ck["model_config"]
+    prep = (ck.get("data_config") or {}).get("preprocessing") or {}
+    net = C.backbone_from_checkpoint(ck)
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net.to(device)
+    in_ch = int(mc["in_channels"])
+    slice_axis = args.slice_axis if args.slice_axis is not None else prep.get("slice_axis", 0)
+    files = _collect_inputs(args.inputs)
+    h5s = [f for f in files if f.endswith(".h5")]
+    niis = _nifti_groups([f for f in files if not f.endswith(".h5")], in_ch)
+    os.makedirs(args.out, exist_ok=True)
+    K = int(mc["num_classes"])
+    dtype = np.uint8 if K <= 255 else np.int16
+    written = []
+    nifti_prep = prep if prep.get("layout") == "nifti" else {"normalization": None}
+    bar = tqdm(total=len(h5s) + len(niis), desc="predict", disable=not args.progress)
+    for f in h5s:
+        import h5py
+
+        with h5py.File(f, "r") as hf:
+            nd = hf["image"].ndim if "image" in hf else None
+            attrs = dict(hf.attrs)
+        vol_dims = 2 if nd is not None and ((in_ch == 1 and nd == 2) or (in_ch > 1 and nd == 3)) else 3
+        image, _ = read_h5(f, vol_dims, None, need_label=False)
+        pred = predict(net, image, patch_size=mc["patch_size"], slice_axis=slice_axis, overlap=args.overlap,
+                       batch_size=args.batch_size, device=device, amp=args.amp)
+        out = os.path.join(args.out, os.path.basename(f))
+        write_h5(out, None, pred.astype(dtype), **{k: v for k, v in attrs.items()})
+        written.append(out)
+        bar.update(1)
+    for name, paths in niis:
+        case = load_nifti_case(paths, None, nifti_prep, name=name)
+        pred = predict(net, case.image, patch_size=mc["patch_size"], slice_axis=slice_axis, overlap=args.overlap,
+                       batch_size=args.batch_size, device=device, amp=args.amp)
+        pred = restore_geometry(pred, case)
+        ending = ".nii.gz" if paths[0].endswith(".nii.gz") else ".nii"
+        out = os.path.join(args.out, name + ending)
+        write_nifti(out, pred.astype(dtype), case.affine, case.meta.get("header"))
+        written.append(out)
+        bar.update(1)
+    bar.close()
+    _say(f"wrote {len(written)} prediction(s) to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import checkpoint as C
+
+    ck = C.load(args.checkpoint)
+    C.export_backbone(ck, args.out)
+    mc = ck["model_config"]
+    cls = "UNet2D" if mc["arch"] == "unet2d" else "UNet3D"
+    _say(f"wrote {args.out}: {cls}(in_channels={mc['in_channels']}, num_classes={mc['num_classes']}) state dict")
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    from .data import make_synthetic
+
+    info = make_synthetic(args.out, args.layout, num_train=args.num_train, num_val=args.num_val,
+                          num_test=args.num_test, shape=args.shape, num_classes=args.num_classes,
+                          in_channels=args.in_channels, seed=args.seed)
+    ds = {"brats": "brats2019"}.get(args.layout, args.layout)
+    _say(f"wrote a synthetic {args.layout} data set to {args.out} ({info['num_classes']} classes); "
+         f"train with --dataset synthetic (or {ds}) --root {args.out} --num-classes {info['num_classes']}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+            "synthetic": cmd_synthetic}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data.io import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .train import ConfigError, TrainingInterrupted
+
+    prog = f"icl {args.command}"
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        msg = " ".join(str(exc).split())
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingInterrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 128 + int(exc.signum)  # 130 for SIGINT, 143 for SIGTERM
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
