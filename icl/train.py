@@ -429,9 +429,7 @@ class _Trainer:
         cfg = self.cfg
         from .models import UNet2D, UNet3D, build_model
 
-        backend = None if cfg.backend == "auto" else cfg.backend
-        if backend is None and cfg.amp != "none" and self.device.type == "cpu":
-            backend = "torch"  # the C++ CPU kernel takes float32/float64 only; autocast gives it bf16/fp16
+        backend = None if cfg.backend == "auto" else cfg.backend  # auto also weighs the dtype (bf16 on CPU -> torch)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         if cfg.method == "supervised":
             cls = UNet2D if cfg.spatial_dims == 2 else UNet3D

@@ -5,7 +5,8 @@ op, plus a rule saying when it can run.  Choosing one, in order of precedence:
 
 1. the ``backend=`` argument of the op or module,
 2. the environment variable ``ICL_KERNELS_BACKEND`` (read at every call),
-3. ``auto``: the first available backend in the device's preference order.
+3. ``auto``: the first backend in the device's preference order that can run
+   the op for the inputs' dtype (the `cpu` proxy attention takes float32/64).
 
 A backend asked for by name that cannot run raises :class:`BackendUnavailableError`
 saying why.  Adding a backend means writing its module (functions named
@@ -46,12 +47,17 @@ class Backend:
     check: Optional[Callable[[str, torch.device], Optional[str]]] = None
     _module_cache: Dict[str, object] = field(default_factory=dict, repr=False)
 
-    def unavailable_reason(self, op: str, device: torch.device) -> Optional[str]:
-        """None when the backend can run ``op`` on ``device``, else a sentence saying why not."""
+    def unavailable_reason(self, op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """None when the backend can run ``op`` on ``device`` (for inputs of ``dtype``,
+        when given), else a sentence saying why not."""
         if self.device_types is not None and device.type not in self.device_types:
             return (
                 f"it runs on {' or '.join(self.device_types)} tensors and these are on {device.type}"
             )
+        supported = _DTYPES.get((self.name, op))
+        if dtype is not None and supported is not None and dtype not in supported:
+            names = ", ".join(str(d).replace("torch.", "") for d in supported)
+            return f"its {op} kernels take {names} inputs, not {str(dtype).replace('torch.', '')}"
         if self.check is not None:
             reason = self.check(op, device)
             if reason is not None:
@@ -75,6 +81,10 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Backend] = {}
+# Input dtypes a backend's kernels take, per op (absent: any floating dtype).
+_DTYPES: Dict[Tuple[str, str], Tuple[torch.dtype, ...]] = {
+    ("cpu", "proxy_attention"): (torch.float32, torch.float64),
+}
 # Preference of `auto` per device type: the first available wins.
 _AUTO_ORDER: Dict[str, List[str]] = {"cpu": ["cpu", "torch"], "cuda": ["cuda", "triton", "torch"]}
 
@@ -131,8 +141,9 @@ def requested_name(backend: Optional[str]) -> str:
     return backend.lower()
 
 
-def resolve(op: str, name: str, device: torch.device, auto_order: Optional[Sequence[str]] = None) -> Backend:
-    """The backend that runs ``op`` on ``device`` for the requested ``name``.
+def resolve(op: str, name: str, device: torch.device, auto_order: Optional[Sequence[str]] = None,
+            dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend that runs ``op`` on ``device`` (inputs of ``dtype``) for the requested ``name``.
 
     A pure function of its arguments and of what is installed, so calling it
     again in the backward gives the forward's backend.
@@ -141,17 +152,18 @@ def resolve(op: str, name: str, device: torch.device, auto_order: Optional[Seque
         order = auto_order if auto_order is not None else _AUTO_ORDER.get(device.type, ["torch"])
         for candidate in order:
             backend = _REGISTRY[candidate]
-            if backend.unavailable_reason(op, device) is None:
+            if backend.unavailable_reason(op, device, dtype) is None:
                 return backend
         return _REGISTRY["torch"]
     backend = _REGISTRY[name]
-    reason = backend.unavailable_reason(op, device)
+    reason = backend.unavailable_reason(op, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run {op} on {device}: {reason}")
     return backend
 
 
-def available_backends(op: str = "proxy_attention", device: Optional[torch.device | str] = None) -> Dict[str, Optional[str]]:
+def available_backends(op: str = "proxy_attention", device: Optional[torch.device | str] = None,
+                       dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[str]]:
     """Maps every backend to None (available) or the reason it is not, for ``op`` on ``device``.
 
     >>> import icl_kernels
@@ -159,4 +171,4 @@ def available_backends(op: str = "proxy_attention", device: Optional[torch.devic
     True
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return {name: be.unavailable_reason(op, dev) for name, be in _REGISTRY.items()}
+    return {name: be.unavailable_reason(op, dev, dtype) for name, be in _REGISTRY.items()}

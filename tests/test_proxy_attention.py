@@ -256,6 +256,15 @@ def test_auto_picks_cpu_kernel_on_cpu():
     assert backends.resolve("proxy_attention", "auto", torch.device("cpu")).name == "cpu"
 
 
+def test_auto_falls_back_to_torch_for_half_precision_on_cpu():
+    x, A, c = make_inputs(1, 30, 8, 2, dtype=torch.bfloat16)
+    assert backends.resolve("proxy_attention", "auto", x.device, dtype=x.dtype).name == "torch"
+    Z, S = proxy_attention(x, A, c, eps=1e-5)
+    assert Z.dtype == torch.bfloat16 and S.dtype == torch.bfloat16
+    with pytest.raises(icl_kernels.BackendUnavailableError, match="float32, float64"):
+        proxy_attention(x, A, c, backend="cpu")
+
+
 def test_unavailable_backend_says_why(monkeypatch):
     x, A, c = make_inputs(1, 10, 4, 2)
     with pytest.raises(icl_kernels.BackendUnavailableError, match="cuda"):

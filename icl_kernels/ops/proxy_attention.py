@@ -30,7 +30,7 @@ def _auto_order(device: torch.device) -> Optional[Sequence[str]]:
 
 
 def _run_backend(name: str, x: Tensor):
-    be = backends.resolve(OP, name, x.device, _auto_order(x.device))
+    be = backends.resolve(OP, name, x.device, _auto_order(x.device), dtype=x.dtype)
     return be.kernels(OP)
 
 
@@ -186,6 +186,6 @@ def proxy_attention(
         eps = float(eps)
     if not torch.compiler.is_compiling():
         # Fail at the call site (not inside autograd) when a named backend cannot run.
-        backends.resolve(OP, name, x.device, _auto_order(x.device))
+        backends.resolve(OP, name, x.device, _auto_order(x.device), dtype=x.dtype)
     Z, S, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, name)
     return Z, S
