@@ -79,8 +79,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="icl", description="Semi-supervised segmentation with Inherent Consistent Learning")
-    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,synthetic}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,train,evaluate,predict,export,synthetic}")
     sub.required = True
+    d = sub.add_parser("demo", help="ICL vs supervised-only on real MRI (offline, about 15 min on 2 CPU cores)")
+    d.add_argument("--out", default="icl-demo", help="output folder (default ./icl-demo)")
+    d.add_argument("--quick", action="store_true", help="a short smoke run (a few minutes)")
+    d.add_argument("--full", action="store_true", help="also train the fully supervised upper bound")
+    d.add_argument("--seeds", type=int, help="repeat every run with this many seeds (default 1)")
+    d.add_argument("--data-dir", help="reuse (or build) the demo data set here instead of OUT/data")
+    d.add_argument("--labeled-fraction", type=float, help="fraction of the training slices that are labeled")
+    d.add_argument("--iterations", type=int, help="iterations per run")
+    d.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "torch"])
+    d.add_argument("--no-progress", dest="progress", action="store_false")
+
     t = sub.add_parser("train", help="train a model (ICL or the supervised baseline)")
     _add_train_args(t)
 
@@ -368,7 +380,24 @@ def cmd_synthetic(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+def cmd_demo(args) -> int:
+    from .demo.brain import MissingDemoDependency
+    from .demo.run import run_demo
+
+    try:
+        run_demo(out=args.out, quick=args.quick, full=args.full, seeds=args.seeds, data_dir=args.data_dir,
+                 labeled_fraction=args.labeled_fraction, iterations=args.iterations, device=args.device,
+                 backend=args.backend, progress=args.progress)
+    except MissingDemoDependency as exc:
+        print(f"icl demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"icl demo: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
             "synthetic": cmd_synthetic}
 
 
