@@ -155,19 +155,57 @@ ICL_DEVICE T warp_transpose_reduce(T (&val)[V], int lane) {
 // Copies the T tokens starting at xb (token stride sn, channel stride sc) into
 // Xs[t * ldx + c] as acc_t; tokens t >= tv are written as zeros so that they add
 // nothing anywhere.  Channels c >= C of Xs are never written (kept zero).
-template <typename scalar_t, typename acc_t, int T>
+// Loads are issued in batches of kLoadBatch per thread before their stores, so
+// that a thread has that many global reads in flight instead of one.
+constexpr int kLoadBatch = 16;
+
+template <typename scalar_t, typename acc_t, int T, int CJ>
 ICL_DEVICE void load_tile(const scalar_t* __restrict__ xb, int64_t sn, int64_t sc, int tv, int C,
                           int ldx, acc_t* Xs) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  if (sc == 1 || sn != 1) {  // channels contiguous (or general strides): a warp reads a token
-    for (int t = warp; t < T; t += kWarps) {
-      const scalar_t* row = xb + t * sn;
-      for (int c = lane; c < C; c += kWarpSize)
-        Xs[t * ldx + c] = t < tv ? static_cast<acc_t>(row[c * sc]) : acc_t(0);
+  if (sc == 1 || sn != 1) {
+    // Channels contiguous (or general strides): a warp reads tokens warp + 8 k,
+    // lane l channels l + 32 j (C <= 32 CJ).
+    constexpr int TW = T / kWarps;                               // tokens per warp
+    constexpr int KB = CJ >= kLoadBatch ? 1 : cmin(TW, kLoadBatch / CJ);  // tokens per batch
+#pragma unroll
+    for (int k0 = 0; k0 < TW; k0 += KB) {
+      acc_t v[KB][CJ];
+#pragma unroll
+      for (int k = 0; k < KB; ++k) {
+        const int t = warp + kWarps * (k0 + k);
+#pragma unroll
+        for (int j = 0; j < CJ; ++j) {
+          const int c = lane + kWarpSize * j;
+          v[k][j] = (t < tv && c < C) ? static_cast<acc_t>(xb[t * sn + c * sc]) : acc_t(0);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < KB; ++k) {
+        const int t = warp + kWarps * (k0 + k);
+#pragma unroll
+        for (int j = 0; j < CJ; ++j) {
+          const int c = lane + kWarpSize * j;
+          if (c < C) Xs[t * ldx + c] = v[k][j];
+        }
+      }
     }
-  } else {  // tokens contiguous ([B, C, N] maps): a warp reads one channel of T tokens
-    for (int c = warp; c < C; c += kWarps)
-      if (lane < T) Xs[lane * ldx + c] = lane < tv ? static_cast<acc_t>(xb[lane + c * sc]) : acc_t(0);
+  } else {
+    // Tokens contiguous ([B, C, N] maps): lane l reads token l of channels warp + 8 k.
+#pragma unroll 1
+    for (int c0 = warp; c0 < C; c0 += kWarps * kLoadBatch) {
+      acc_t v[kLoadBatch];
+#pragma unroll
+      for (int k = 0; k < kLoadBatch; ++k) {
+        const int c = c0 + kWarps * k;
+        v[k] = (lane < tv && c < C) ? static_cast<acc_t>(xb[lane + c * sc]) : acc_t(0);
+      }
+#pragma unroll
+      for (int k = 0; k < kLoadBatch; ++k) {
+        const int c = c0 + kWarps * k;
+        if (lane < T && c < C) Xs[lane * ldx + c] = v[k];
+      }
+    }
   }
 }
 
@@ -346,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>)
   for (int64_t n0 = n_begin; n0 < n_end; n0 += T) {
     const int tv = static_cast<int>(n_end - n0 < T ? n_end - n0 : T);
     __syncthreads();  // every warp is done with the previous tile
-    load_tile<scalar_t, acc_t, T>(xb + n0 * p.sxn, p.sxn, p.sxc, tv, C, ldx, Xs);
+    load_tile<scalar_t, acc_t, T, CJ>(xb + n0 * p.sxn, p.sxn, p.sxc, tv, C, ldx, Xs);
     __syncthreads();
     if (p.has_eps) {
       normalize_tile<acc_t, T>(Xs, rstd_s, tv, C, ldx, p.eps);
@@ -583,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>)
   for (int64_t n0 = n_begin; n0 < n_end; n0 += T) {
     const int tv = static_cast<int>(n_end - n0 < T ? n_end - n0 : T);
     __syncthreads();  // the previous tile is finished (Xs, dXs, DSs, Ps free)
-    load_tile<scalar_t, acc_t, T>(xb + n0 * p.sxn, p.sxn, p.sxc, tv, C, ldx, Xs);
+    load_tile<scalar_t, acc_t, T, CJ>(xb + n0 * p.sxn, p.sxn, p.sxc, tv, C, ldx, Xs);
     __syncthreads();
     if (p.has_eps) {
       normalize_tile<acc_t, T>(Xs, rstd_s, tv, C, ldx, p.eps);
