@@ -6,12 +6,32 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "proxy_attention_kernels.cuh"
 
 namespace icl_kernels {
 namespace cuda {
 namespace {
+
+// Per (kernel, device) facts that cost driver calls: the dynamic shared memory
+// allowed so far and the blocks resident per SM for a given amount of it.
+struct KernelFacts {
+  size_t smem_allowed = 48 * 1024;  // the default limit, no opt-in needed
+  std::map<size_t, int> per_sm;     // smem bytes -> resident blocks per SM
+};
+
+KernelFacts& kernel_facts(const void* kernel, int device) {
+  static std::map<std::pair<const void*, int>, KernelFacts> facts;
+  return facts[{kernel, device}];
+}
+
+std::mutex& kernel_facts_mutex() {
+  static std::mutex m;
+  return m;
+}
 
 // Launches on the current stream of the guarded device (see the launcher
 // interface in proxy_attention_kernels.cuh).
@@ -21,7 +41,9 @@ struct CudaLauncher {
 
   template <typename Kernel>
   void prepare(Kernel kernel, size_t smem) {
-    if (smem <= 48 * 1024) return;  // the default limit, no opt-in needed
+    const std::lock_guard<std::mutex> lock(kernel_facts_mutex());
+    KernelFacts& f = kernel_facts(reinterpret_cast<const void*>(kernel), device);
+    if (smem <= f.smem_allowed) return;
     int optin = 0;
     C10_CUDA_CHECK(
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -30,12 +52,23 @@ struct CudaLauncher {
                 "; use a smaller C, float32 instead of float64, or backend='triton'/'torch'");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
+    f.smem_allowed = smem;
   }
 
   template <typename Kernel>
   int64_t resident_blocks(Kernel kernel, size_t smem) {
     int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    {
+      const std::lock_guard<std::mutex> lock(kernel_facts_mutex());
+      KernelFacts& f = kernel_facts(reinterpret_cast<const void*>(kernel), device);
+      auto it = f.per_sm.find(smem);
+      if (it == f.per_sm.end()) {
+        C10_CUDA_CHECK(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+        it = f.per_sm.emplace(smem, per_sm).first;
+      }
+      per_sm = it->second;
+    }
     const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
     return static_cast<int64_t>(std::max(per_sm, 1)) * sms;
   }
