@@ -55,7 +55,7 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Widest token supported: C <= 32 * kMaxChannelGroups.  Bounded by the
+// Widest token supported (C <= 32 x the largest channel-group count, 16).  Bounded by the
 // registers per lane (CJ values per row) and the backward's shared memory.
 constexpr int kMaxChannels = 512;
 // A token split holds at least this many tokens (a couple of tiles).
