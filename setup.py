@@ -82,9 +82,23 @@ def wheel_cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def write_build_info(**info) -> None:
+    """Records what this build compiles in icl_kernels/_build_info.py (generated,
+    git-ignored; the package and tests work without it)."""
+    path = os.path.join(HERE, "icl_kernels", "_build_info.py")
+    lines = ['"""Written by setup.py: what the last build of icl_kernels._C compiled."""\n']
+    lines += [f"{key} = {value!r}\n" for key, value in sorted(info.items())]
+    try:
+        with open(path, "w") as fh:
+            fh.writelines(lines)
+    except OSError as exc:  # a read-only source tree: the record is optional
+        log(f"could not write {path}: {exc}")
+
+
 def extension_modules():
     if os.environ.get("ICL_BUILD_NO_EXT", "0") == "1":
         log("ICL_BUILD_NO_EXT=1: not building the C++/CUDA extension")
+        write_build_info(EXTENSION=False, CUDA=False, CUDA_REASON="ICL_BUILD_NO_EXT=1")
         return [], {}
     import torch
 
@@ -107,6 +121,17 @@ def extension_modules():
     if build_cuda:
         os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension at import
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    write_build_info(
+        EXTENSION=True,
+        CUDA=build_cuda,
+        CUDA_REASON=why,
+        CUDA_DISABLED_BY_ENV=want == "0",
+        CUDA_HOME=cuda_home,
+        CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
+        CUDA_SOURCES=cuda_sources,
+        TORCH_VERSION=torch.__version__,
+        TORCH_CUDA=torch_cuda,
+    )
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
