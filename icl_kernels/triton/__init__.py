@@ -36,3 +36,11 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if not torch.cuda.is_available():
         return "no GPU is visible (torch.cuda.is_available() is False)"
     return None
+
+
+# Kernels of each op (`<op>_forward` / `<op>_backward`); an ImportError (no
+# Triton) leaves them out and unavailable_reason() says why.
+try:
+    from .prototype_update import prototype_update_backward, prototype_update_forward  # noqa: F401
+except ImportError:
+    pass
