@@ -39,6 +39,14 @@ constexpr int64_t kTileProbs = 64;       // tokens per tile, probs form (a [C, T
 constexpr int64_t kMinItemTokens = 4096; // fewest tokens worth a work item of their own
 constexpr int64_t kMaxItems = 64;        // bounds the partial buffers
 constexpr int kMaxMaskClasses = 4;       // a tile with more classes takes the scatter path
+// Below this many feature elements a call runs on the calling thread: waking
+// the OpenMP team costs more than the work (milliseconds on a loaded machine).
+constexpr int64_t kMinParallelElements = int64_t(1) << 16;
+
+// parallel_for grain for `items` work items covering `elements` feature elements.
+int64_t item_grain(int64_t items, int64_t elements) {
+  return elements < kMinParallelElements ? std::max<int64_t>(items, 1) : 1;
+}
 
 template <typename T>
 using acc_of = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
@@ -622,7 +630,8 @@ ICL_CPU_MULTIVERSION void probs_backward_item(const ProbsBackward<at::BFloat16>&
 // out[j] = sum over items, in item order, of part[item, j] (part: [items, M]).
 template <typename acc_t>
 void reduce_items(const acc_t* part, int64_t items, int64_t M, acc_t* out) {
-  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+  const int64_t grain = items * M < kMinParallelElements * 4 ? std::max<int64_t>(M, 1) : 256;
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) out[j] = part[j];
     for (int64_t i = 1; i < items; ++i) {
       const acc_t* src = part + i * M;
@@ -656,7 +665,7 @@ std::tuple<at::Tensor, at::Tensor> labels_forward_cpu(const at::Tensor& features
         weights.has_value() ? weights->stride(0) : 0, weights.has_value() ? weights->stride(1) : 0,
         part_sums.data_ptr<acc_t>(), part_tot.data_ptr<acc_t>(), first_bad.data(),
         N, C, K, ignore_index, part};
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) labels_forward_item(args, i / part.splits, i % part.splits);
     });
     for (int64_t i = 0; i < items; ++i)
@@ -704,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor> labels_backward_cpu(
         need_features_grad ? gf.stride(2) : 0,
         need_weights_grad ? gw.data_ptr<acc_t>() : nullptr,
         N, C, K, ignore_index, part};
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) labels_backward_item(args, i / part.splits, i % part.splits);
     });
   });
@@ -729,7 +738,7 @@ std::tuple<at::Tensor, at::Tensor> probs_forward_cpu(const at::Tensor& features,
         features.data_ptr<scalar_t>(), features.stride(0), features.stride(1), features.stride(2),
         probs.data_ptr<scalar_t>(), probs.stride(0), probs.stride(1), probs.stride(2),
         part_sums.data_ptr<acc_t>(), part_tot.data_ptr<acc_t>(), N, C, K, part};
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) probs_forward_item(args, i / part.splits, i % part.splits);
     });
     reduce_items<acc_t>(args.part_sums, items, K * C, sums.data_ptr<acc_t>());
@@ -765,7 +774,7 @@ std::tuple<at::Tensor, at::Tensor> probs_backward_cpu(const at::Tensor& grad_sum
         need_probs_grad ? gp.stride(0) : 0, need_probs_grad ? gp.stride(1) : 0,
         need_probs_grad ? gp.stride(2) : 0,
         N, C, K, part};
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) probs_backward_item(args, i / part.splits, i % part.splits);
     });
   });
