@@ -384,7 +384,8 @@ def masked_prototype_update_(
         buffer: prototypes [K, C], updated in place without gradient.
         features: [B, C, *spatial] with one or more spatial dims, any strides.
         labels: integer [B, *spatial], values in [0, K) or ``ignore_index``.
-        probs: soft weights [B, K, *spatial] (exactly one of labels / probs).
+        probs: soft weights [B, K, *spatial] (exactly one of labels / probs);
+            features and probs are read in their common dtype.
         momentum: in [0, 1].
         ignore_index: label value that is skipped.
         initialized: optional bool [K] (first update of a class copies).
