@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -43,9 +44,22 @@ constexpr int kMaxMaskClasses = 4;       // a tile with more classes takes the s
 // the OpenMP team costs more than the work (milliseconds on a loaded machine).
 constexpr int64_t kMinParallelElements = int64_t(1) << 16;
 
-// parallel_for grain for `items` work items covering `elements` feature elements.
-int64_t item_grain(int64_t items, int64_t elements) {
-  return elements < kMinParallelElements ? std::max<int64_t>(items, 1) : 1;
+// Runs work(i) for every item.  Threads take items from a shared counter
+// rather than a fixed share: on a loaded machine a descheduled thread then
+// delays the call by at most the item it holds, not by its whole share.  Which
+// thread runs an item does not matter: each item writes its own partial slot.
+template <typename F>
+void run_items(int64_t items, int64_t elements, const F& work) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
+  if (elements < kMinParallelElements || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < items; ++i) work(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) work(i);
+  });
 }
 
 template <typename T>
@@ -665,9 +679,7 @@ std::tuple<at::Tensor, at::Tensor> labels_forward_cpu(const at::Tensor& features
         weights.has_value() ? weights->stride(0) : 0, weights.has_value() ? weights->stride(1) : 0,
         part_sums.data_ptr<acc_t>(), part_tot.data_ptr<acc_t>(), first_bad.data(),
         N, C, K, ignore_index, part};
-    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) labels_forward_item(args, i / part.splits, i % part.splits);
-    });
+    run_items(items, B * N * C, [&](int64_t i) { labels_forward_item(args, i / part.splits, i % part.splits); });
     for (int64_t i = 0; i < items; ++i)
       if (first_bad[i] != kNoInvalidLabel) throw_invalid_label(first_bad[i], K, ignore_index);
     reduce_items<acc_t>(args.part_sums, items, K * C, sums.data_ptr<acc_t>());
@@ -713,9 +725,7 @@ std::tuple<at::Tensor, at::Tensor> labels_backward_cpu(
         need_features_grad ? gf.stride(2) : 0,
         need_weights_grad ? gw.data_ptr<acc_t>() : nullptr,
         N, C, K, ignore_index, part};
-    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) labels_backward_item(args, i / part.splits, i % part.splits);
-    });
+    run_items(items, B * N * C, [&](int64_t i) { labels_backward_item(args, i / part.splits, i % part.splits); });
   });
   return {gf, gw};
 }
@@ -738,9 +748,7 @@ std::tuple<at::Tensor, at::Tensor> probs_forward_cpu(const at::Tensor& features,
         features.data_ptr<scalar_t>(), features.stride(0), features.stride(1), features.stride(2),
         probs.data_ptr<scalar_t>(), probs.stride(0), probs.stride(1), probs.stride(2),
         part_sums.data_ptr<acc_t>(), part_tot.data_ptr<acc_t>(), N, C, K, part};
-    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) probs_forward_item(args, i / part.splits, i % part.splits);
-    });
+    run_items(items, B * N * C, [&](int64_t i) { probs_forward_item(args, i / part.splits, i % part.splits); });
     reduce_items<acc_t>(args.part_sums, items, K * C, sums.data_ptr<acc_t>());
     reduce_items<acc_t>(args.part_tot, items, K, totals.data_ptr<acc_t>());
   });
@@ -774,9 +782,7 @@ std::tuple<at::Tensor, at::Tensor> probs_backward_cpu(const at::Tensor& grad_sum
         need_probs_grad ? gp.stride(0) : 0, need_probs_grad ? gp.stride(1) : 0,
         need_probs_grad ? gp.stride(2) : 0,
         N, C, K, part};
-    at::parallel_for(0, items, item_grain(items, B * N * C), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) probs_backward_item(args, i / part.splits, i % part.splits);
-    });
+    run_items(items, B * N * C, [&](int64_t i) { probs_backward_item(args, i / part.splits, i % part.splits); });
   });
   return {gf, gp};
 }
