@@ -98,11 +98,16 @@ def backend_names() -> Tuple[str, ...]:
     return (AUTO,) + tuple(_REGISTRY)
 
 
+# The raw compiled op whose kernel tells that the extension implements an op
+# (default ``_<op>_forward``; an op served by several raw kernels names one).
+_COMPILED_PROBE: Dict[str, str] = {"prototype_update": "_prototype_update_labels_forward"}
+
+
 def _check_compiled(dispatch_key: str) -> Callable[[str, torch.device], Optional[str]]:
     def check(op: str, device: torch.device) -> Optional[str]:
         if not _extension.is_loaded():
             return _extension.load_error_message()
-        if not _extension.has_kernel(f"_{op}_forward", dispatch_key):
+        if not _extension.has_kernel(_COMPILED_PROBE.get(op, f"_{op}_forward"), dispatch_key):
             if dispatch_key == "CUDA":
                 return (
                     "the extension was built without CUDA kernels (no CUDA toolkit or a CPU-only "

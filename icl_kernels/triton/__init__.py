@@ -38,9 +38,13 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-# The kernels (the backend's `<op>_forward` / `<op>_backward`); without Triton
-# the package still imports and `unavailable_reason` says why it cannot run.
+# Kernels of each op (the backend's `<op>_forward` / `<op>_backward`); without
+# Triton the package still imports and `unavailable_reason` says why it cannot run.
 try:
     from .proxy_attention import proxy_attention_backward, proxy_attention_forward  # noqa: F401
+except ImportError:  # pragma: no cover - Triton missing
+    pass
+try:
+    from .prototype_update import prototype_update_backward, prototype_update_forward  # noqa: F401
 except ImportError:  # pragma: no cover - Triton missing
     pass
