@@ -15,7 +15,7 @@ from icl.cli import main
 from icl.data import make_synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GQ = "memory" if hasattr(icl_kernels, "PrototypeMemory") else "batch"
+GQ = "memory"  # the default global queries (PrototypeMemory)
 
 
 @pytest.fixture(autouse=True, scope="module")

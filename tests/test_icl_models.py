@@ -9,8 +9,6 @@ import icl_kernels
 from icl_kernels.published import Query_Attention
 from icl.models import ClassDecoder, ICLHead, UNet2D, UNet3D, build_model, class_presence
 
-HAS_MEMORY = hasattr(icl_kernels, "PrototypeMemory")
-needs_memory = pytest.mark.skipif(not HAS_MEMORY, reason="PrototypeMemory not merged yet")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -392,7 +390,6 @@ def test_memory_mode_passes_presence_weights(monkeypatch):
     assert all(len(m.calls) == 1 for m in model.memories)  # no update outside training mode
 
 
-@needs_memory
 def test_memory_mode_updates_only_present_classes():
     torch.manual_seed(0)
     model = build_model("unet2d", 1, 4, (16, 16), global_queries="memory").train()
@@ -425,10 +422,8 @@ def test_iclnet_loads_published_full_state_dict():
 
 
 @pytest.mark.parametrize("mode", ["batch", "memory"])
-def test_every_trainable_parameter_gets_a_gradient(mode, monkeypatch):
+def test_every_trainable_parameter_gets_a_gradient(mode):
     """DDP without find_unused_parameters needs a gradient for every trainable parameter."""
-    if mode == "memory" and not HAS_MEMORY:
-        monkeypatch.setattr(icl_kernels, "PrototypeMemory", _StubMemory, raising=False)
     model = build_model("unet2d", 1, 3, (16, 16), global_queries=mode).train()
     labels = torch.randint(0, 3, (2, 16, 16))
     _tiny_step(model, labels, 3)

@@ -1,6 +1,6 @@
-// Small helpers for CPU kernels whose inner loops the compiler must be able
-// to vectorise: an exp written with plain arithmetic (std::exp is a scalar
-// libm call that blocks auto-vectorisation) and function multiversioning.
+// Small helpers for CPU kernels whose inner loops must vectorise: explicit
+// SIMD vectors, an exp written with plain arithmetic (std::exp is a scalar
+// libm call), a register-blocked product, and function multiversioning.
 #pragma once
 
 #include <cmath>
@@ -24,32 +24,6 @@
 
 namespace icl_kernels {
 namespace cpu {
-
-// exp(x) for float by range reduction x = k ln2 + r, |r| <= ln2/2, and a
-// degree-6 polynomial for exp(r) (Cephes coefficients); about 2 ulp on the
-// clamped range.  Inputs below about -87.3 give a tiny positive value instead
-// of 0: harmless for softmax weights, which is its only use here.
-ICL_ALWAYS_INLINE float exp_approx(float x) {
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
-  x = x < -87.3365478515625f ? -87.3365478515625f : x;
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// Double precision keeps libm: float64 is the accuracy path, not the fast one.
-ICL_ALWAYS_INLINE double exp_approx(double x) { return std::exp(x); }
 
 // 32-byte SIMD vectors through GCC/Clang vector extensions: the compiler maps
 // them to one AVX register, two SSE registers, or one half of an AVX-512 one,
@@ -85,7 +59,10 @@ ICL_ALWAYS_INLINE V vmax(const V& a, const V& b) {
   return a > b ? a : b;
 }
 
-// exp_approx on a whole vector of floats (same formula and constants).
+// exp(x) of a vector of floats by range reduction x = k ln2 + r, |r| <= ln2/2,
+// and a degree-6 polynomial for exp(r) (Cephes coefficients): about 2 ulp on
+// the clamped range. Inputs below about -87.3 give a tiny positive value
+// instead of 0: harmless for softmax weights, its only use here.
 ICL_ALWAYS_INLINE Vec<float>::type vexp(Vec<float>::type x) {
   using V = Vec<float>::type;
   using VI = Vec<float>::int_type;
@@ -109,6 +86,7 @@ ICL_ALWAYS_INLINE Vec<float>::type vexp(Vec<float>::type x) {
   return p * scale;
 }
 
+// Double precision keeps libm: float64 is the accuracy path, not the fast one.
 ICL_ALWAYS_INLINE Vec<double>::type vexp(Vec<double>::type x) {
   for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
   return x;

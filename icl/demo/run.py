@@ -258,8 +258,9 @@ def _figures(out: str, runs: List[Dict], examples: Dict, threshold_preds: Dict, 
     cases = {c: (img, lab) for c, img, lab in brain.load_split(root, "test") + brain.load_split(root, "test_corrupted")}
     cols = [("image", None), ("ground truth", "gt"), ("ICL", "icl"), ("supervised only", "supervised"),
             ("two-threshold rule", "threshold")]
-    for tag, case in (("corrupted", next(c for c in cases if c.endswith("_corrupted"))),
-                      ("clean", next(c for c in cases if not c.endswith("_corrupted")))):
+    clean_cases = [c for c in cases if not c.endswith("_corrupted")]
+    middle = clean_cases[len(clean_cases) // 2]  # a mid-brain slab shows the most anatomy
+    for tag, case in (("corrupted", middle + "_corrupted"), ("clean", middle)):
         img, lab = cases[case]
         z = int(np.argmax((lab > 0).reshape(lab.shape[0], -1).sum(1)))
         fig, axes = plt.subplots(1, len(cols), figsize=(3 * len(cols), 3.2))

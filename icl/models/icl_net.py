@@ -125,8 +125,6 @@ class ICLNet(nn.Module):
             _freeze_query_output(dec)
         if global_queries == "memory":
             _freeze_query_output(self.sspa.class_decoders[-1])
-            if not hasattr(icl_kernels, "PrototypeMemory"):
-                raise RuntimeError("ICLNet(global_queries='memory') needs icl_kernels.PrototypeMemory")
             self.memories = nn.ModuleList(
                 icl_kernels.PrototypeMemory(self.num_classes, c, momentum=momentum) for c in self.feature_channels
             )
