@@ -8,6 +8,9 @@ run the compiled kernels on CUDA tensors.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -156,6 +159,21 @@ def test_configs_match_oracle(B, N, M, C, cfg, eps):
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,C", [(8, 64), (32, 128), (70, 300)])
+def test_gpu_table_configs_in_interpreter(M, C, dtype):
+    """The configs the GPU table picks, run (in float32) by the interpreter."""
+    x, A, c, gZ, gS = make_inputs(1, 150, M, C, seed=8)
+    fwd_cfg = tpa.default_config(1, 150, M, C, dtype, backward=False, interpreted=False)
+    bwd_cfg = tpa.default_config(1, 150, M, C, dtype, backward=True, interpreted=False)
+    Z, S, lse = tpa.proxy_attention_forward(x, A, c, 1e-5, config=fwd_cfg)
+    got = tpa.proxy_attention_backward(gZ, gS, x, A, c, Z, lse, 1e-5, config=bwd_cfg)
+    Zr, Sr, lser, want = oracle(x, A, c, 1e-5, gZ, gS)
+    for name, g, w in zip(("Z", "S", "lse", "dx", "dA", "dc"), (Z, S, lse, *got), (Zr, Sr, lser, *want)):
+        assert_close(name, g, w, F32_TOL)
+
+
+@interp
 def test_large_rows_and_channels():
     """M = 256 rows of width C = 512: neither A nor Z fits one block."""
     x, A, c, gZ, gS = make_inputs(1, 40, 256, 512)
@@ -187,9 +205,10 @@ def test_public_op_autograd(which, eps):
 
 @interp
 @pytest.mark.parametrize("which", ["Z", "S", "none"])
-def test_direct_partial_gradients(which):
+@pytest.mark.parametrize("B,N,M,C", [(1, 100, 70, 40), (2, 100, 5, 16)])  # chunked / in registers
+def test_direct_partial_gradients(B, N, M, C, which):
     """The backward entry point with grad_Z or grad_S (or both) None."""
-    x, A, c, gZ, gS = make_inputs(1, 100, 70, 40, seed=2)
+    x, A, c, gZ, gS = make_inputs(B, N, M, C, seed=2)
     gZ = gZ if which == "Z" else None
     gS = gS if which == "S" else None
     eps = 1e-5
@@ -253,7 +272,7 @@ def test_float16_interpreter():
 
 @interp
 def test_backward_bitwise_deterministic():
-    x, A, c, gZ, gS = make_inputs(2, 600, 20, 40, seed=6)
+    x, A, c, gZ, gS = make_inputs(2, 300, 20, 40, seed=6)
     for cfg in (None, KC(16, 32, 64, 64)):
         Z, S, lse = tpa.proxy_attention_forward(x, A, c, 1e-5, config=cfg)
         Z2, S2, lse2 = tpa.proxy_attention_forward(x, A, c, 1e-5, config=cfg)
@@ -293,6 +312,24 @@ def test_module_matches_torch_backend(official_layout):
 
 
 @interp
+def test_torch_compile_module():
+    """The module traces with fullgraph=True (custom op + fake kernels); aot_eager needs no C++ compiler."""
+    torch.manual_seed(9)
+    mod = icl_kernels.ProxyAttention(32, num_heads=4, token_norm=True, backend="triton")
+    q = torch.randn(2, 3, 32)
+    x = torch.randn(2, 32, 60).transpose(1, 2)
+    results = []
+    for fn, backend in ((torch.compile(mod, backend="aot_eager", fullgraph=True), "triton"), (mod, "torch")):
+        mod.backend = backend
+        qq, xx = q.clone().requires_grad_(), x.detach().clone().requires_grad_()
+        out, attn = fn(qq, xx)
+        loss = out.square().sum() + attn.square().mean()
+        results.append((out, attn, *torch.autograd.grad(loss, (qq, xx, mod.fc_q.weight))))
+    for name, got, want in zip(("out", "attn", "dq", "dx", "dWq"), results[0], results[1]):
+        assert_close(name, got, want, F32_TOL)
+
+
+@interp
 def test_registered_as_available():
     assert hasattr(itr, "proxy_attention_forward") and hasattr(itr, "proxy_attention_backward")
     assert icl_kernels.available_backends(device="cpu")["triton"] is None
@@ -324,6 +361,61 @@ def test_config_validation():
         KC(16, 48, 32)
     with pytest.raises(TypeError, match="supports float32"):
         tpa._dtypes(torch.int32)
+
+
+# Compiles the kernels for sm_90 (Triton's bundled ptxas, no GPU needed) in a
+# process without the interpreter: catches what only the GPU compiler rejects.
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import sys, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from icl_kernels.triton import proxy_attention as tpa
+    assert not tpa.INTERPRETED
+    PT = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
+    ACC_PTRS = {"pmax_ptr", "psum_ptr", "pz_ptr", "lse_ptr", "D_ptr", "pdA_ptr", "pdc_ptr", "scr_ptr", "src_ptr"}
+
+    def build(fn, dtype, consts, num_warps):
+        acc_t = tpa._dtypes(dtype)[0]
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = PT[acc_t] if name in ACC_PTRS else PT[dtype]
+            else:
+                sig[name] = "fp32" if name == "eps" else "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    for dtype in (torch.float32, torch.bfloat16):
+        _, acc_tl, dot_tl, prec = tpa._dtypes(dtype)
+        common = dict(DOT=dot_tl, PREC=prec, ACC=acc_tl, HAS_EPS=True)
+        for M, C in ((32, 128), (256, 512)):
+            f = tpa._gpu_config(M, C, dtype, False)
+            build(tpa._fwd_kernel, dtype, dict(common, BLOCK_M=f.block_m, BLOCK_N=f.block_n,
+                  BLOCK_C=f.block_c, NUM_CC=triton.cdiv(C, f.block_c), sxn=1), f.num_warps)
+            b = tpa._gpu_config(M, C, dtype, True)
+            nmc, ncc = triton.cdiv(M, b.block_m), triton.cdiv(C, b.block_c)
+            build(tpa._bwd_kernel, dtype, dict(common, HAS_DZ=True, HAS_GS=True, BLOCK_M=b.block_m,
+                  BLOCK_N=b.block_n, BLOCK_C=b.block_c, NUM_MC=nmc, NUM_CC=ncc,
+                  DA_IN_REGS=nmc == 1 and ncc == 1, sxn=1, sdn=1), b.num_warps)
+        build(tpa._fwd_combine_kernel, dtype, dict(BLOCK_M=16, BLOCK_C=128, ACC=acc_tl), 4)
+        build(tpa._reduce_splits_kernel, dtype, dict(BLOCK=1024, ACC=acc_tl), 4)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_sm90():
+    from triton.backends import backends as triton_backends
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
 
 
 # ---------------------------------------------------------------------------

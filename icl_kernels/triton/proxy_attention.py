@@ -27,12 +27,13 @@ chunk, so any M and C work (M=256 with C=512 included).
 
 Splits depend only on the shapes (never on timing), so results are
 deterministic.  On the GPU every dot reduces over >= 16 elements (block sizes
-are padded to >= 16); float32 uses IEEE-precision dots (no TF32), half types
-use their own tensor-core dots with float32 accumulation.
+are padded to >= 16); float32 dots use tf32x3 (float32-level accuracy, see
+F32_DOT_PRECISION), half types their own tensor-core dots with float32
+accumulation, float64 IEEE dots.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -484,29 +485,45 @@ def _pow2(n: int) -> int:
 # Interpreter: one program instance costs ~ms, so blocks are small enough that
 # the usual test shapes exercise chunked rows/channels and several token ranges.
 _INTERP_SPLIT_LEN = 256
-# GPU: aim for this many programs, and cap the dA partial buffer (elements).
+# GPU: aim for this many programs, and cap the [B, splits, M, C] float32
+# partial buffers (Z in the forward, dA in the backward), in elements.
 _GPU_TARGET_PROGRAMS = 1024
-_GPU_MAX_PARTIAL_ELEMS = 1 << 26
+_GPU_MAX_PARTIAL_ELEMS = 1 << 24
 
 
 def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelConfig:
-    """A small hand-made table (no autotuning): registers hold roughly
-    (2 * block_m + block_n) * block_c float32 values per program."""
+    """A small hand-made table, no autotuning.  Chosen from sm_90 compiles of
+    the kernels (no GPU timing yet): among the candidates, the largest tiles
+    that compile without register spills."""
     Mp, Cp = _pow2(M), _pow2(C)
+    if dtype == torch.float64:  # 8-byte values: small tiles
+        return KernelConfig(16, 32, min(Cp, 32), 0, 4)
     half = dtype in (torch.float16, torch.bfloat16)
-    if Cp <= 64:
-        bc, bn = Cp, 64
-    elif Cp <= 128:
-        bc, bn = Cp, 64 if half else 32
-    elif Cp <= 256 and half and not backward:
-        bc, bn = Cp, 32
-    else:
-        bc, bn = (128 if half else 64), 64 if half else 32
-    bm = min(Mp, 64 if half else 32)
-    if backward:
-        bm = min(bm, 32)
-    warps = 4 if (2 * bm + bn) * bc <= 8192 else 8
-    return KernelConfig(bm, bn, bc, 0, warps, 2)
+    if not backward:
+        if half:
+            if Cp <= 32:
+                return KernelConfig(16, 64, Cp, 0, 8)
+            if Cp <= 128:
+                return KernelConfig(min(Mp, 32), 64, Cp, 0, 8)
+            if Cp <= 256:
+                return KernelConfig(16, 64, Cp, 0, 8)
+            return KernelConfig(64, 32, 64, 0, 8) if Mp >= 64 else KernelConfig(16, 64, 64, 0, 8)
+        if Cp <= 32:
+            return KernelConfig(16, 64, Cp, 0, 4)
+        if Cp <= 128:
+            return KernelConfig(16, 32, Cp, 0, 8)
+        return KernelConfig(64, 32, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8)
+    if half:
+        if Cp <= 128:
+            return KernelConfig(16, 64, Cp, 0, 8)
+        if Cp <= 256:
+            return KernelConfig(16, 32, Cp, 0, 8)
+        return KernelConfig(64, 64, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 64, 64, 0, 8)
+    if Cp <= 32:
+        return KernelConfig(16, 64, Cp, 0, 8)
+    if Cp <= 128:
+        return KernelConfig(16, 32, 64, 0, 8)
+    return KernelConfig(16, 32, 32, 0, 8)
 
 
 def default_config(B: int, N: int, M: int, C: int, dtype: torch.dtype, backward: bool,
@@ -519,22 +536,27 @@ def default_config(B: int, N: int, M: int, C: int, dtype: torch.dtype, backward:
     return _gpu_config(M, C, dtype, backward)
 
 
-def _token_splits(B: int, N: int, M: int, C: int, cfg: KernelConfig, row_programs: int,
-                  backward: bool) -> Tuple[int, int]:
+def _token_splits(B: int, N: int, M: int, C: int, cfg: KernelConfig,
+                  row_programs: int) -> Tuple[int, int]:
     """(split_len, n_splits): token ranges per batch element, each a whole number of tiles."""
     tiles = triton.cdiv(N, cfg.block_n)
     if cfg.split_len:
         per = triton.cdiv(cfg.split_len, cfg.block_n)
     else:
         want = max(1, _GPU_TARGET_PROGRAMS // max(1, B * row_programs))
-        if backward:  # the dA partials are [B, splits, M, C] float32
-            want = min(want, max(1, _GPU_MAX_PARTIAL_ELEMS // max(1, B * M * C)))
+        want = min(want, max(1, _GPU_MAX_PARTIAL_ELEMS // max(1, B * M * C)))
         # At least 4 tiles per range so the partials stay cheap next to the work.
         want = max(1, min(want, tiles // 4))
         per = triton.cdiv(tiles, want)
     split_len = per * cfg.block_n
     return split_len, triton.cdiv(N, split_len)
 
+
+# float32 dots: plain TF32 would cost ~1e-3 relative error.  "tf32x3" (three
+# TF32 tensor-core products) keeps ~float32 accuracy and, compiled for sm_90,
+# needs far fewer registers than "ieee" (FMA dots), which spill heavily there.
+# "ieee" is the fallback should tf32x3 ever miss the 2e-4 target.
+F32_DOT_PRECISION = "tf32x3"
 
 _DOT_DTYPES = {
     torch.float32: tl.float32,
@@ -552,8 +574,8 @@ def _dtypes(dtype: torch.dtype):
         )
     if dtype == torch.float64:
         return torch.float64, tl.float64, tl.float64, "ieee"
-    # float32 dots in IEEE precision: TF32 would cost ~1e-3 relative error.
-    prec = "ieee" if dtype == torch.float32 else "tf32"
+    # Half types: the precision argument is ignored (their own tensor-core dots).
+    prec = F32_DOT_PRECISION if dtype == torch.float32 else "tf32"
     return torch.float32, tl.float32, _DOT_DTYPES[dtype], prec
 
 
@@ -568,6 +590,11 @@ def _check_device(x: Tensor) -> None:
             "proxy_attention (triton backend): the kernels were compiled for the GPU and take CUDA "
             f"tensors; {x.device.type} tensors need TRITON_INTERPRET=1 set before icl_kernels is imported"
         )
+
+
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _eps_arg(eps: Optional[float]) -> float:
@@ -595,9 +622,17 @@ def proxy_attention_forward(
     A = A.contiguous()
     c = c.contiguous()
     cfg = config or default_config(B, N, M, C, x.dtype, backward=False)
+    with _on_device(x):
+        _launch_forward(x, A, c, eps, cfg, Z, S, lse, acc_t, acc_tl, dot_tl, prec)
+    return Z, S, lse
+
+
+def _launch_forward(x, A, c, eps, cfg, Z, S, lse, acc_t, acc_tl, dot_tl, prec) -> None:
+    B, N, C = x.shape
+    M = A.shape[1]
     n_mchunks = triton.cdiv(M, cfg.block_m)
     num_cc = triton.cdiv(C, cfg.block_c)
-    split_len, n_splits = _token_splits(B, N, M, C, cfg, n_mchunks, backward=False)
+    split_len, n_splits = _token_splits(B, N, M, C, cfg, n_mchunks)
     pmax = torch.empty(B, n_splits, M, device=x.device, dtype=acc_t)
     psum = torch.empty_like(pmax)
     pz = torch.empty(B, n_splits, M, C, device=x.device, dtype=acc_t)
@@ -616,7 +651,6 @@ def proxy_attention_forward(
         pmax, psum, pz, Z, lse, M, C, n_splits, n_mb, n_cb,
         BLOCK_M=bm2, BLOCK_C=bc2, ACC=acc_tl, num_warps=4,
     )
-    return Z, S, lse
 
 
 def _reduce_splits(part: Tensor, out: Tensor) -> None:
@@ -669,24 +703,25 @@ def proxy_attention_backward(
     num_mc = triton.cdiv(M, cfg.block_m)
     num_cc = triton.cdiv(C, cfg.block_c)
     da_in_regs = num_mc == 1 and num_cc == 1
-    split_len, n_splits = _token_splits(B, N, M, C, cfg, 1, backward=True)
+    split_len, n_splits = _token_splits(B, N, M, C, cfg, 1)
     pdA = torch.empty(B, n_splits, M, C, device=x.device, dtype=acc_t)
     pdc = torch.empty(B, n_splits, M, device=x.device, dtype=acc_t)
     if num_cc > 1:
         scratch = torch.empty(B * n_splits, cfg.block_n, C, device=x.device, dtype=acc_t)
     else:
         scratch = pdc  # placeholder, never read
-    _bwd_kernel[(B * n_splits,)](
-        x, A, c, lse, dZ, D, gS, dx, pdA, pdc, scratch,
-        N, M, C, split_len, n_splits,
-        x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-        g_strides[0], g_strides[1], g_strides[2], _eps_arg(eps),
-        HAS_EPS=eps is not None, HAS_DZ=grad_Z is not None, HAS_GS=grad_S is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
-        NUM_MC=num_mc, NUM_CC=num_cc, DA_IN_REGS=da_in_regs,
-        DOT=dot_tl, PREC=prec, ACC=acc_tl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    _reduce_splits(pdA, dA)
-    _reduce_splits(pdc, dc)
+    with _on_device(x):
+        _bwd_kernel[(B * n_splits,)](
+            x, A, c, lse, dZ, D, gS, dx, pdA, pdc, scratch,
+            N, M, C, split_len, n_splits,
+            x.stride(0), x.stride(1), x.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
+            g_strides[0], g_strides[1], g_strides[2], _eps_arg(eps),
+            HAS_EPS=eps is not None, HAS_DZ=grad_Z is not None, HAS_GS=grad_S is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
+            NUM_MC=num_mc, NUM_CC=num_cc, DA_IN_REGS=da_in_regs,
+            DOT=dot_tl, PREC=prec, ACC=acc_tl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _reduce_splits(pdA, dA)
+        _reduce_splits(pdc, dc)
     return dx, dA, dc
