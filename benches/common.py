@@ -102,26 +102,34 @@ def quantiles_ms(times_s: Sequence[float]) -> tuple:
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.5,
-            cuda_graph: bool = False) -> tuple:
+            cuda_graph: bool = False, warmup: Optional[int] = None,
+            min_samples: Optional[int] = None) -> tuple:
     """(p50, p20, p80) in milliseconds after warm-up.
 
     CPU: torch.utils.benchmark (blocked autorange, per-run times). GPU: CUDA
     events around each call; with ``cuda_graph`` the calls are captured once
     into a CUDA graph and the replay is timed.
+
+    ``warmup`` untimed calls (default 2 on CPU, 3 on GPU) come first; at least
+    ``min_samples`` timed calls (default 5 on CPU, 10 on GPU) make the
+    percentiles. Smaller values keep smoke runs of slow calls short.
     """
     if device.type != "cuda":
         from torch.utils import benchmark
 
-        fn()  # warm-up (allocations, first-call dispatch)
-        fn()
+        warmup = 2 if warmup is None else warmup
+        min_samples = 5 if min_samples is None else min_samples
+        for _ in range(warmup):  # warm-up (allocations, first-call dispatch)
+            fn()
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
         m = timer.blocked_autorange(min_run_time=min_time)
         per_run = [t for t in m.times]
-        if len(per_run) < 5:  # few long blocks: time individual calls instead
-            per_run = []
+        if len(per_run) < min_samples:  # few long blocks: time individual calls instead
+            # blocks of one call each are such calls already: keep them, top up
+            per_run = per_run if m.number_per_run == 1 else []
             import time
 
-            for _ in range(5):
+            while len(per_run) < min_samples:
                 t0 = time.perf_counter()
                 fn()
                 per_run.append(time.perf_counter() - t0)
@@ -138,14 +146,15 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_time: float = 0.
         with torch.cuda.graph(graph):
             fn()
         run = graph.replay
-    for _ in range(3):
+    for _ in range(3 if warmup is None else warmup):
         run()
     synchronize(device)
     times = []
     import time
 
+    min_samples = 10 if min_samples is None else max(1, min_samples)
     start_wall = time.perf_counter()
-    while len(times) < 10 or (time.perf_counter() - start_wall < min_time and len(times) < 1000):
+    while len(times) < min_samples or (time.perf_counter() - start_wall < min_time and len(times) < 1000):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()
@@ -177,6 +186,35 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 * 2**20) -> float
     dst = torch.empty_like(src)
     p50, _, _ = time_fn(lambda: dst.copy_(src), device, min_time=0.3)
     return 2 * nbytes / (p50 / 1e3) / 1e9
+
+
+def backend_reasons(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Dict[str, Optional[str]]:
+    """icl_kernels backend -> None when a benchmark should run it on ``device``,
+    else the reason row text (``unsupported: ...`` or ``skipped: ...``).
+
+    Triton on CPU tensors only runs through Triton's interpreter
+    (TRITON_INTERPRET=1, as the test suite sets without a GPU); timing the
+    interpreter says nothing about the kernel, so it is skipped.
+    """
+    import icl_kernels
+
+    out: Dict[str, Optional[str]] = {}
+    for name, reason in icl_kernels.available_backends(op, device, dtype).items():
+        if reason is not None:
+            out[name] = f"unsupported: {reason}"
+        elif name == "triton" and device.type == "cpu":
+            out[name] = "skipped: Triton interpreter on CPU (TRITON_INTERPRET=1) times the interpreter, not a kernel"
+        else:
+            out[name] = None
+    return out
+
+
+def error_reason(exc: BaseException) -> str:
+    """Reason row text for a provider that failed: ``oom`` or ``error: Type: first line``."""
+    if is_oom(exc):
+        return "oom"
+    msg = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"error: {type(exc).__name__}: {msg}"
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -214,16 +252,22 @@ class Recorder:
             w.writerows(self.rows)
         print(f"wrote {len(self.rows)} rows to {path}")
 
-    def print_table(self, metric: str = "time") -> None:
+    def print_table(self, metric: str = "time", extra: Optional[Dict[str, str]] = None) -> None:
+        """One line per ``metric`` row; ``extra`` maps other metrics to column
+        headers: their p50 on the same (provider, mode, shape) is shown too."""
         rows = [r for r in self.rows if r["metric"] == metric]
         if not rows:
             return
+        extra = extra or {}
+        found = {(r["provider"], r["mode"], r["shape"], r["metric"]): r["p50"] for r in self.rows if r["metric"] in extra}
         print(f"\n{self.op} on {self.env.device} (torch {self.env.torch_version}, triton {self.env.triton_version or '-'})")
-        header = f"{'shape':<36} {'mode':<8} {'provider':<24} {'p50':>10} {'p20':>10} {'p80':>10}  unit"
+        cols = "".join(f" {h:>12}" for h in extra.values())
+        header = f"{'shape':<36} {'mode':<8} {'provider':<24} {'p50':>10} {'p20':>10} {'p80':>10}{cols}  unit"
         print(header)
         print("-" * len(header))
         for r in rows:
-            print(f"{r['shape']:<36} {r['mode']:<8} {r['provider']:<24} {r['p50']:>10} {r['p20']:>10} {r['p80']:>10}  {r['unit']}")
+            vals = "".join(f" {found.get((r['provider'], r['mode'], r['shape'], m), ''):>12}" for m in extra)
+            print(f"{r['shape']:<36} {r['mode']:<8} {r['provider']:<24} {r['p50']:>10} {r['p20']:>10} {r['p80']:>10}{vals}  {r['unit']}")
 
 
 def shape_str(**kw) -> str:

@@ -14,7 +14,6 @@ On GPU every provider is also timed replaying a CUDA graph (`<provider>+cudagrap
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -79,10 +78,11 @@ def providers(device: torch.device, quick: bool) -> Dict[str, Optional[Callable]
         "sdpa": lambda C, H: SDPA(C, H),
         "icl-torch": lambda C, H: make_fused(C, H, "torch"),
     }
+    reasons = common.backend_reasons(OP, device)  # "unsupported: ..." / "skipped: ..." or None
     for be in ("cpu", "triton", "cuda"):
-        reason = icl_kernels.available_backends(OP, device)[be]
+        reason = reasons[be]
         table[f"icl-{be}"] = (lambda C, H, be=be: make_fused(C, H, be)) if reason is None else None
-        REASONS[f"icl-{be}"] = f"unsupported: {reason}" if reason else ""
+        REASONS[f"icl-{be}"] = reason or ""
     REASONS["published-compile"] = "skipped: --quick (compile takes minutes)" if quick else ""
     return table
 

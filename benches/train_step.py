@@ -32,7 +32,7 @@ OP = "train_step"
 def configs(device: torch.device, quick: bool) -> List[Tuple[str, str, Tuple[int, ...], int, int, int, bool]]:
     """(label, arch, patch, labeled_bs, unlabeled_bs, classes, reduced)."""
     if quick:
-        return [("cfg=quick2d", "unet2d", (32, 32), 2, 2, 3, True)]
+        return [("cfg=quick2d", "unet2d", (32, 32), 1, 1, 3, True)]
     full = [
         ("cfg=acdc2d", "unet2d", (256, 256), 8, 8, 4, False),
         ("cfg=brats3d", "unet3d", (96, 96, 96), 2, 2, 2, False),
@@ -174,6 +174,8 @@ def main() -> None:
         except (ValueError, OSError):
             mem_limit = None
     providers = ["published-formulation", "icl-fused-mlp", "icl-fused-conv"]
+    # --quick is a smoke run: one warm-up and three timed calls per measurement
+    reps = dict(warmup=1, min_samples=3) if args.quick else {}
     for label, arch, patch, lb, ub, classes, reduced in configs(device, args.quick):
         shape = common.shape_str(**dict(kv.split("=") for kv in label.split(";")), B=f"{lb}+{ub}",
                                  patch="x".join(map(str, patch)), K=classes)
@@ -194,7 +196,7 @@ def main() -> None:
                 continue
             try:
                 st = Step(prov, arch, patch, lb, ub, classes, device, dtype)
-                vals = common.time_fn(st.step, device, args.min_time)
+                vals = common.time_fn(st.step, device, args.min_time, **reps)
                 rec.add(prov, "fwd+bwd", shape, dtype, "time", "ms", vals)
                 mem = common.peak_memory_mb(st.step, device)
                 if mem is not None:
@@ -202,7 +204,7 @@ def main() -> None:
                 params = sum(p.numel() for p in st.model.parameters())
                 rec.add(prov, "fwd+bwd", shape, dtype, "parameters", "count", (params, params, params))
                 for part, fn in st.part_fns().items():
-                    pv = common.time_fn(fn, device, args.min_time)
+                    pv = common.time_fn(fn, device, args.min_time, **reps)
                     rec.add(prov, "fwd+bwd", f"{shape};part={part}", dtype, "time", "ms", pv)
                 del st
             except Exception as exc:

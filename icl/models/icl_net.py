@@ -204,7 +204,7 @@ def build_model(
         )
     backbone = UNet2D(in_channels, num_classes) if dims == 2 else UNet3D(in_channels, num_classes)
     sizes = [tuple(p // s for p in patch) for s in strides]
-    return ICLNet(
+    net = ICLNet(
         backbone,
         chans,
         num_classes,
@@ -218,3 +218,6 @@ def build_model(
         spatial_dims=dims,
         max_mixer_params=max_mixer_params,
     )
+    # the training patch: what icl.predict resizes slices to / slides windows of by default
+    net.patch_size = backbone.patch_size = tuple(int(p) for p in patch_size)
+    return net

@@ -1,0 +1,126 @@
+"""Smoke tests of the benchmarks in benches/: each runs with --quick as a user
+would (``python -m benches.<name>`` from the repository root, default threads
+and device; only OpenMP's wait policy is made passive, see ``_run``) and must write a well-formed CSV (and the plots, when it measured
+a sweep).
+
+The CSV contract checked here: exactly the columns below, in order; a row is
+either a measurement (numbers > 0, a unit) or a reason row (empty numbers, the
+reason in ``unit``: ``unsupported: ...``, ``skipped: ...``, ``oom``,
+``error: ...``); every provider that appears has a measurement or a reason.
+"""
+import csv
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80", "device",
+           "torch_version", "triton_version", "git_commit", "timestamp"]
+NUMBERS = ("p50", "p20", "p80")
+REASON_PREFIXES = ("unsupported", "skipped", "oom", "error")
+# the eager provider each benchmark's speed-up plot divides by (None: no sweep, no plots)
+BASELINES = {"proxy_attention": "published-eager", "prototype_update": "one_hot_einsum", "train_step": None}
+
+
+def _run(name, tmp_path):
+    csv_path, plots = tmp_path / "x.csv", tmp_path / "plots"
+    cmd = [sys.executable, "-m", f"benches.{name}", "--quick", "--csv", str(csv_path), "--plot", str(plots)]
+    # Threads stay torch's default. Idle OpenMP workers sleep instead of spinning,
+    # though: with the default (active) wait policy, a busy shared machine makes
+    # every parallel region wait for descheduled spinning peers, and a --quick run
+    # took 10-20x longer (train_step: ~150 s instead of ~9 s on 2 busy cores).
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert csv_path.is_file(), f"no CSV written\n{proc.stdout[-2000:]}"
+    with open(csv_path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        body = list(reader)
+    return header, body, plots
+
+
+def _is_number(row):
+    return bool(row["p50"])
+
+
+def check_csv(name, header, body, plots):
+    """Assert the CSV contract for benches.<name> (see the module docstring)."""
+    assert header == COLUMNS
+    assert body, "no rows"
+    assert all(len(r) == len(COLUMNS) for r in body), "ragged CSV rows"
+    rows = [dict(zip(COLUMNS, r)) for r in body]
+
+    for r in rows:
+        where = f"{r['provider']} {r['mode']} {r['shape']} {r['metric']}"
+        assert r["op"] == name, where
+        for col in ("provider", "mode", "metric", "dtype", "device", "torch_version", "timestamp"):
+            assert r[col].strip(), f"empty {col}: {where}"
+        assert r["unit"].strip(), f"no unit or reason: {where}"
+        if _is_number(r):
+            for col in NUMBERS:
+                if r[col]:
+                    v = float(r[col])  # raises on a malformed number
+                    assert v > 0, f"{col}={v}: {where}"
+        else:  # a reason row: no numbers at all, a documented reason
+            assert not any(r[c] for c in NUMBERS), f"p20/p80 without p50: {where}"
+            assert r["unit"].startswith(REASON_PREFIXES), f"unknown reason {r['unit']!r}: {where}"
+
+    providers = {r["provider"] for r in rows}
+    measured = {r["provider"] for r in rows if _is_number(r)}
+    for prov in providers - measured:
+        reasons = [r["unit"] for r in rows if r["provider"] == prov]
+        assert all(u.startswith(REASON_PREFIXES) for u in reasons), f"{prov}: no measurement and no reason"
+    assert any(r["metric"] == "time" and _is_number(r) for r in rows), "nothing was timed"
+    errors = sorted({f"{r['provider']}: {r['unit']}" for r in rows if r["unit"].startswith("error")})
+    if errors:  # allowed by the CSV contract, but worth seeing
+        warnings.warn(f"benches.{name} --quick wrote error rows: {errors}")
+
+    sweep = [r for r in rows if "sweep=1" in r["shape"] and r["metric"] == "time" and r["mode"] == "fwd+bwd"
+             and _is_number(r)]
+    if sweep:
+        expected = [f"{name}_time.png"]
+        if any(r["provider"] == BASELINES[name] for r in sweep):
+            expected.append(f"{name}_speedup.png")
+        for fname in expected:
+            path = plots / fname
+            assert path.is_file() and path.stat().st_size > 0, f"missing plot {fname}"
+    else:
+        assert BASELINES[name] is None, f"benches.{name} --quick measured no sweep shape"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_bench_quick_writes_valid_csv(name, tmp_path):
+    header, body, plots = _run(name, tmp_path)
+    check_csv(name, header, body, plots)
+
+
+def _row(**kw):
+    r = dict.fromkeys(COLUMNS, "")
+    r.update(op="train_step", provider="p", mode="fwd+bwd", shape="cfg=x", dtype="float32", metric="time",
+             unit="ms", p50="1.5", p20="1.4", p80="1.6", device="cpu", torch_version="2", timestamp="t")
+    r.update(kw)
+    return [r[c] for c in COLUMNS]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(p50="0"), "p50=0"),
+    (dict(p50="", p20="1.0"), "without p50"),
+    (dict(p50="", p20="", p80="", unit=""), "no unit"),
+    (dict(p50="", p20="", p80="", unit="ms"), "unknown reason"),
+    (dict(device=""), "empty device"),
+    (dict(timestamp=""), "empty timestamp"),
+])
+def test_check_csv_rejects(bad, message, tmp_path):
+    """The checker is not vacuous: each broken row fails it (no benchmark run)."""
+    check_csv("train_step", COLUMNS, [_row(), _row(provider="q")], tmp_path)  # a valid CSV passes
+    with pytest.raises(AssertionError, match=message):
+        check_csv("train_step", COLUMNS, [_row(), _row(provider="q", **bad)], tmp_path)
+    with pytest.raises(AssertionError):
+        check_csv("train_step", list(reversed(COLUMNS)), [_row()], tmp_path)
