@@ -41,3 +41,14 @@ def pytest_collection_modifyitems(config, items):
 def _no_env_backend(monkeypatch):
     """Tests choose backends explicitly; a user's ICL_KERNELS_BACKEND must not leak in."""
     monkeypatch.delenv("ICL_KERNELS_BACKEND", raising=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and on a shared machine idle OpenMP
+    threads would spin-wait. Test modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,12 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GQ = "memory"  # the default global queries (PrototypeMemory)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

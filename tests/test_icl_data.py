@@ -12,13 +12,7 @@ from icl.data import preprocess as pp
 from icl.data.transforms import bias_field, gaussian_noise, random_crop, random_gamma, resize, rot_flip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: with other jobs on the 2 cores, OpenMP spin-waiting makes 2 threads ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

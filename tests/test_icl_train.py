@@ -18,13 +18,7 @@ from icl.train import ConfigError, TrainConfig, TrainingInterrupted, train
 GQ = "memory"  # the default global queries (PrototypeMemory)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: with other jobs on the 2 cores, OpenMP spin-waiting makes 2 threads ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
