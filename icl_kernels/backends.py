@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -114,11 +115,45 @@ def _check_compiled(dispatch_key: str) -> Callable[[str, torch.device], Optional
                     "torch at build time, or ICL_BUILD_CUDA=0); rebuild with a CUDA toolkit"
                 )
             return f"the extension has no {dispatch_key} kernel for {op!r}"
-        if dispatch_key == "CUDA" and not torch.cuda.is_available():
-            return "no GPU is visible (torch.cuda.is_available() is False)"
+        if dispatch_key == "CUDA":
+            if not torch.cuda.is_available():
+                return "no GPU is visible (torch.cuda.is_available() is False)"
+            return missing_kernel_image(device)
         return None
 
     return check
+
+
+def _built_arch_list() -> Optional[str]:
+    try:
+        from . import _build_info  # written by setup.py
+    except ImportError:
+        return None
+    return getattr(_build_info, "CUDA_ARCH_LIST", None)
+
+
+def missing_kernel_image(device: torch.device, arch_list: Optional[str] = None) -> Optional[str]:
+    """A reason when the compiled CUDA code cannot run on ``device``'s GPU, else None.
+
+    A cubin built for sm_XY runs on GPUs of the same major version and minor >= Y;
+    PTX for compute_XY is compiled by the driver for any GPU >= XY.
+    """
+    arch_list = arch_list if arch_list is not None else _built_arch_list()
+    if not arch_list:
+        return None  # unknown build: let the launch decide
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    entries = [a.strip() for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    for entry in entries:
+        ptx = entry.endswith("+PTX")
+        try:
+            emaj, emin = (int(v) for v in entry.replace("+PTX", "").split(".")[:2])
+        except ValueError:
+            return None  # an arch name we do not parse (e.g. "Hopper"): do not guess
+        if (emaj == major and emin <= minor) or (ptx and (emaj, emin) <= (major, minor)):
+            return None
+    return (f"no kernel image for this GPU (sm_{major}{minor}); the extension was built for "
+            f"TORCH_CUDA_ARCH_LIST={arch_list!r}: rebuild with that GPU's architecture in the list")
 
 
 def _check_triton(op: str, device: torch.device) -> Optional[str]:
@@ -155,16 +190,32 @@ def resolve(op: str, name: str, device: torch.device, auto_order: Optional[Seque
     """
     if name == AUTO:
         order = auto_order if auto_order is not None else _AUTO_ORDER.get(device.type, ["torch"])
+        skipped = {}
         for candidate in order:
             backend = _REGISTRY[candidate]
-            if backend.unavailable_reason(op, device, dtype) is None:
+            reason = backend.unavailable_reason(op, device, dtype)
+            if reason is None:
+                _warn_if_no_kernel_image(skipped, backend.name)
                 return backend
+            skipped[candidate] = reason
         return _REGISTRY["torch"]
     backend = _REGISTRY[name]
     reason = backend.unavailable_reason(op, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run {op} on {device}: {reason}")
     return backend
+
+
+_warned_no_image = False
+
+
+def _warn_if_no_kernel_image(skipped: Dict[str, str], chosen: str) -> None:
+    """`auto` passing over compiled CUDA kernels that cannot run on this GPU says so once."""
+    global _warned_no_image
+    reason = skipped.get("cuda", "")
+    if reason.startswith("no kernel image") and not _warned_no_image:
+        _warned_no_image = True
+        warnings.warn(f"icl_kernels: the cuda backend has {reason}; using the {chosen} backend instead", stacklevel=4)
 
 
 def available_backends(op: str = "proxy_attention", device: Optional[torch.device | str] = None,

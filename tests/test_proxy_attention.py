@@ -341,3 +341,80 @@ def test_raw_kernel_checks_raise_python_errors():
         torch.ops.icl_kernels._proxy_attention_forward(x, A, c, -1.0)
     with pytest.raises(TypeError, match="float32 and float64"):
         torch.ops.icl_kernels._proxy_attention_forward(x.half(), A.half(), c.half(), None)
+
+
+# -- packaging and GPU selection rules (checked without a GPU) -------------------------
+
+def test_import_without_compiled_extension():
+    """`import icl_kernels` works when the extension is missing; `cpu` says why it is unavailable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'icl_kernels._C':\n"
+        "            raise ImportError('blocked by the test')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, icl_kernels\n"
+        "r = icl_kernels.available_backends(device='cpu')\n"
+        "assert 'could not be imported' in r['cpu'] and r['torch'] is None, r\n"
+        "x = torch.randn(1, 5, 4)\n"
+        "Z, S = icl_kernels.proxy_attention(x, torch.randn(1, 2, 4), torch.zeros(1, 2))\n"
+        "try:\n"
+        "    icl_kernels.proxy_attention(x, torch.randn(1, 2, 4), torch.zeros(1, 2), backend='cpu')\n"
+        "except icl_kernels.BackendUnavailableError as e:\n"
+        "    print('UNAVAILABLE', e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "UNAVAILABLE" in proc.stdout and "pip install --no-build-isolation" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "capability, arch_list, runs",
+    [
+        ((9, 0), "8.0;9.0+PTX", True),
+        ((8, 6), "8.0;9.0+PTX", True),     # an sm_80 cubin runs on sm_86
+        ((10, 0), "8.0;9.0+PTX", True),    # PTX for compute_90 is JIT-compiled for newer GPUs
+        ((10, 0), "8.0;9.0", False),
+        ((7, 5), "8.0;9.0+PTX", False),
+    ],
+)
+def test_missing_kernel_image_rule(monkeypatch, capability, arch_list, runs):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    reason = backends.missing_kernel_image(torch.device("cuda", 0), arch_list=arch_list)
+    assert (reason is None) == runs
+    if not runs:
+        assert reason.startswith("no kernel image") and arch_list in reason
+
+
+def test_auto_falls_back_with_one_warning_when_no_kernel_image(monkeypatch):
+    cuda = backends._REGISTRY["cuda"]
+    monkeypatch.setattr(cuda, "check", lambda op, device: "no kernel image for this GPU (sm_75)")
+    monkeypatch.setattr(backends, "_warned_no_image", False)
+    dev = torch.device("cuda", 0)
+    with pytest.warns(UserWarning, match="no kernel image.*torch backend"):
+        chosen = backends.resolve("proxy_attention", "auto", dev, auto_order=["cuda", "torch"])
+    assert chosen.name == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.resolve("proxy_attention", "auto", dev, auto_order=["cuda", "torch"])  # warned once
+
+
+def test_auto_order_on_cuda_tensors_skips_cuda_for_wide_tokens():
+    from types import SimpleNamespace
+
+    from icl_kernels.ops import proxy_attention as op
+
+    assert op._auto_order(torch.empty(1, 4, 8)) is None  # CPU: the registry's order
+    # only .device and .shape are read, so stand-ins describe CUDA inputs without a GPU
+    narrow = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 4, 512))
+    wide = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 4, 768))
+    assert op._auto_order(narrow)[0] == "cuda"
+    assert "cuda" not in op._auto_order(wide) and op._auto_order(wide)[0] == "triton"

@@ -25,12 +25,27 @@ from .. import _extension, backends
 OP = "proxy_attention"
 
 
-def _auto_order(device: torch.device) -> Optional[Sequence[str]]:
-    return None  # the registry's per-device order
+# Widest tokens the CUDA kernels take (their register tiles); `auto` sends wider ones to Triton.
+CUDA_MAX_CHANNELS = 512
+
+
+def _auto_order(x: Tensor) -> Optional[Sequence[str]]:
+    """`auto`'s preference for these inputs (None: the registry's per-device order).
+
+    On CUDA tensors: the CUDA kernels first, then Triton. This is the order of
+    maturity, not yet a measured speed rule: no GPU has timed the two backends
+    against each other (README "Benchmarks"); C > 512 goes to Triton.
+    """
+    if x.device.type == "cuda":
+        order = ["cuda", "triton", "torch"]
+        if x.shape[-1] > CUDA_MAX_CHANNELS:
+            order.remove("cuda")
+        return order
+    return None
 
 
 def _run_backend(name: str, x: Tensor):
-    be = backends.resolve(OP, name, x.device, _auto_order(x.device), dtype=x.dtype)
+    be = backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
     return be.kernels(OP)
 
 
@@ -186,6 +201,6 @@ def proxy_attention(
         eps = float(eps)
     if not torch.compiler.is_compiling():
         # Fail at the call site (not inside autograd) when a named backend cannot run.
-        backends.resolve(OP, name, x.device, _auto_order(x.device), dtype=x.dtype)
+        backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
     Z, S, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, name)
     return Z, S
