@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import abc
 import os
 import re
 import warnings
@@ -36,7 +37,7 @@ class Item:
     labeled: bool = True
 
 
-class Source:
+class Source(abc.ABC):
     """Base class. Subclasses set ``layout`` and implement the split lists and readers."""
 
     layout = "base"
@@ -54,15 +55,18 @@ class Source:
         self.spacing = tuple(options["spacing"]) if options.get("spacing") else None
 
     # -- splits ---------------------------------------------------------------
+    @abc.abstractmethod
     def has_split(self, split: str) -> bool:
-        raise NotImplementedError
+        """Implemented by each layout."""
 
+    @abc.abstractmethod
     def cases(self, split: str) -> List[str]:
-        raise NotImplementedError
+        """Implemented by each layout."""
 
     # -- evaluation -----------------------------------------------------------
+    @abc.abstractmethod
     def case_path(self, name: str) -> str:
-        raise NotImplementedError
+        """Implemented by each layout."""
 
     def load_case(self, name: str, need_label: bool = True) -> Case:
         path = self.case_path(name)
