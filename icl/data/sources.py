@@ -7,9 +7,9 @@ volumes for 3D models.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
-import abc
 import os
 import re
 import warnings
