@@ -183,13 +183,10 @@ def main() -> None:
             shape += ";reduced=1"
         for prov in providers:
             need = mlp_params(arch, patch) * 4 * 3 if prov != "icl-fused-conv" else 0  # params + grads + momentum
-            if device.type == "cpu" and not reduced and not args.quick:
-                if need:
-                    rec.add(prov, "fwd+bwd", shape, dtype, "time",
-                            f"skipped: the spatial MLP needs {need / 2**30:.1f} GiB for parameters, gradients and momentum "
-                            "and one step takes minutes on CPU; see the reduced shape")
-                else:
-                    rec.add(prov, "fwd+bwd", shape, dtype, "time", "skipped: full-size steps take minutes on CPU; see the reduced shape")
+            if device.type == "cpu" and not reduced and not args.quick and need:
+                rec.add(prov, "fwd+bwd", shape, dtype, "time",
+                        f"skipped: the spatial MLP needs {need / 2**30:.1f} GiB for parameters, gradients and momentum "
+                        "(more than half of this machine's memory with activations); see the reduced shape")
                 continue
             if mem_limit is not None and need > 0.6 * mem_limit:
                 rec.add(prov, "fwd+bwd", shape, dtype, "time", "oom")

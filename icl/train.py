@@ -92,7 +92,7 @@ class TrainConfig:
     # model / method
     method: str = "icl"
     mixer: str = "conv"
-    global_queries: str = "memory"
+    global_queries: str = "batch"
     faithful: bool = False
     max_mixer_params: Optional[int] = 50_000_000
     backend: str = "auto"

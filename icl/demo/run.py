@@ -35,7 +35,7 @@ class DemoSettings:
     seeds: int
     full: bool
     mixer: str = "conv"
-    global_queries: str = "memory"
+    global_queries: str = "batch"
 
     @classmethod
     def preset(cls, quick: bool, gpu: bool) -> "DemoSettings":
