@@ -70,11 +70,24 @@ def make_fused(C, H, backend):
     return icl_kernels.ProxyAttention(C, H, official_layout=True, token_norm=True, backend=backend)
 
 
+def _compiled_published(C, H):
+    # The bwd-only timing replays one backward with retain_graph=True; compiled
+    # backwards that donate their saved buffers refuse that, so keep them.
+    try:
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
+    except ImportError:
+        pass
+    return torch.compile(Published(C, H))
+
+
 def providers(device: torch.device, quick: bool) -> Dict[str, Optional[Callable]]:
     """name -> factory(C, H) of a module, or None with the reason in REASONS."""
     table: Dict[str, Optional[Callable]] = {
         "published-eager": lambda C, H: Published(C, H),
-        "published-compile": (lambda C, H: torch.compile(Published(C, H))) if not quick else None,
+        "published-compile": _compiled_published if not quick else None,
         "sdpa": lambda C, H: SDPA(C, H),
         "icl-torch": lambda C, H: make_fused(C, H, "torch"),
     }
