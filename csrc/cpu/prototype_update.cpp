@@ -331,18 +331,10 @@ ICL_ALWAYS_INLINE void labels_forward_item_impl(const LabelsForward<scalar_t>& a
   }
 }
 
-ICL_CPU_MULTIVERSION void labels_forward_item(const LabelsForward<float>& a, int64_t b, int64_t s) {
-  labels_forward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void labels_forward_item(const LabelsForward<double>& a, int64_t b, int64_t s) {
-  labels_forward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void labels_forward_item(const LabelsForward<at::Half>& a, int64_t b, int64_t s) {
-  labels_forward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void labels_forward_item(const LabelsForward<at::BFloat16>& a, int64_t b, int64_t s) {
-  labels_forward_item_impl(a, b, s);
-}
+ICL_CPU_WORK_ITEM(labels_forward_item, LabelsForward<float>)
+ICL_CPU_WORK_ITEM(labels_forward_item, LabelsForward<double>)
+ICL_CPU_WORK_ITEM(labels_forward_item, LabelsForward<at::Half>)
+ICL_CPU_WORK_ITEM(labels_forward_item, LabelsForward<at::BFloat16>)
 
 // ---------------------------------------------------------------- labels, backward
 
@@ -435,18 +427,10 @@ ICL_ALWAYS_INLINE void labels_backward_item_impl(const LabelsBackward<scalar_t>&
   }
 }
 
-ICL_CPU_MULTIVERSION void labels_backward_item(const LabelsBackward<float>& a, int64_t b, int64_t s) {
-  labels_backward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void labels_backward_item(const LabelsBackward<double>& a, int64_t b, int64_t s) {
-  labels_backward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void labels_backward_item(const LabelsBackward<at::Half>& a, int64_t b, int64_t s) {
-  labels_backward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void labels_backward_item(const LabelsBackward<at::BFloat16>& a, int64_t b, int64_t s) {
-  labels_backward_item_impl(a, b, s);
-}
+ICL_CPU_WORK_ITEM(labels_backward_item, LabelsBackward<float>)
+ICL_CPU_WORK_ITEM(labels_backward_item, LabelsBackward<double>)
+ICL_CPU_WORK_ITEM(labels_backward_item, LabelsBackward<at::Half>)
+ICL_CPU_WORK_ITEM(labels_backward_item, LabelsBackward<at::BFloat16>)
 
 // ---------------------------------------------------------------- probs, forward
 
@@ -545,18 +529,10 @@ ICL_ALWAYS_INLINE void probs_forward_item_impl(const ProbsForward<scalar_t>& a, 
   std::copy(tot.begin(), tot.end(), a.part_tot + item * K);
 }
 
-ICL_CPU_MULTIVERSION void probs_forward_item(const ProbsForward<float>& a, int64_t b, int64_t s) {
-  probs_forward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void probs_forward_item(const ProbsForward<double>& a, int64_t b, int64_t s) {
-  probs_forward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void probs_forward_item(const ProbsForward<at::Half>& a, int64_t b, int64_t s) {
-  probs_forward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void probs_forward_item(const ProbsForward<at::BFloat16>& a, int64_t b, int64_t s) {
-  probs_forward_item_impl(a, b, s);
-}
+ICL_CPU_WORK_ITEM(probs_forward_item, ProbsForward<float>)
+ICL_CPU_WORK_ITEM(probs_forward_item, ProbsForward<double>)
+ICL_CPU_WORK_ITEM(probs_forward_item, ProbsForward<at::Half>)
+ICL_CPU_WORK_ITEM(probs_forward_item, ProbsForward<at::BFloat16>)
 
 // ---------------------------------------------------------------- probs, backward
 
@@ -626,18 +602,10 @@ ICL_ALWAYS_INLINE void probs_backward_item_impl(const ProbsBackward<scalar_t>& a
   }
 }
 
-ICL_CPU_MULTIVERSION void probs_backward_item(const ProbsBackward<float>& a, int64_t b, int64_t s) {
-  probs_backward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void probs_backward_item(const ProbsBackward<double>& a, int64_t b, int64_t s) {
-  probs_backward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void probs_backward_item(const ProbsBackward<at::Half>& a, int64_t b, int64_t s) {
-  probs_backward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void probs_backward_item(const ProbsBackward<at::BFloat16>& a, int64_t b, int64_t s) {
-  probs_backward_item_impl(a, b, s);
-}
+ICL_CPU_WORK_ITEM(probs_backward_item, ProbsBackward<float>)
+ICL_CPU_WORK_ITEM(probs_backward_item, ProbsBackward<double>)
+ICL_CPU_WORK_ITEM(probs_backward_item, ProbsBackward<at::Half>)
+ICL_CPU_WORK_ITEM(probs_backward_item, ProbsBackward<at::BFloat16>)
 
 // ---------------------------------------------------------------- host side
 

@@ -69,6 +69,20 @@ ICL_ALWAYS_INLINE void load_tokens(const scalar_t* x, int64_t sn, int64_t sc, in
   }
 }
 
+// The inverse of load_tokens' copy: tile[t * ld + ch] to x-shaped memory,
+// walking the output's contiguous axis (a [B, C, N] layout gets runs along N).
+template <typename scalar_t, typename acc_t>
+ICL_ALWAYS_INLINE void store_tokens(const acc_t* tile, int64_t T, int64_t C, int64_t ld, scalar_t* out,
+                                    int64_t sn, int64_t sc) {
+  if (sc == 1) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t ch = 0; ch < C; ++ch) out[t * sn + ch] = static_cast<scalar_t>(tile[t * ld + ch]);
+  } else {
+    for (int64_t ch = 0; ch < C; ++ch)
+      for (int64_t t = 0; t < T; ++t) out[t * sn + ch * sc] = static_cast<scalar_t>(tile[t * ld + ch]);
+  }
+}
+
 // Local buffers are padded: channels to Cp and rows to Mp, multiples of the
 // SIMD width, with zeros in the padding so that it adds nothing to any sum.
 template <typename scalar_t, typename acc_t>
@@ -154,12 +168,8 @@ ICL_ALWAYS_INLINE void forward_item_impl(const ForwardItem<scalar_t, acc_t>& a, 
   }
 }
 
-ICL_CPU_MULTIVERSION void forward_item(const ForwardItem<float, float>& a, int64_t b, int64_t s) {
-  forward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void forward_item(const ForwardItem<double, double>& a, int64_t b, int64_t s) {
-  forward_item_impl(a, b, s);
-}
+ICL_CPU_WORK_ITEM(forward_item, ForwardItem<float, float>)
+ICL_CPU_WORK_ITEM(forward_item, ForwardItem<double, double>)
 
 template <typename scalar_t, typename acc_t>
 struct BackwardItem {
@@ -239,11 +249,11 @@ ICL_ALWAYS_INLINE void backward_item_impl(const BackwardItem<scalar_t, acc_t>& a
     // dxhat[t, :] = sum_m dS[t, m] A[m, :] + P[t, m] dZ[m, :]
     gemm_rows<acc_t>(T, M, Cp, g.data(), M2, 1, R.data(), Cp, dxhat.data(), Cp, false);
     gemm_rows<acc_t>(T, M, Cp, g.data() + Mp, M2, 1, R.data() + Mp * Cp, Cp, dxhat.data(), Cp, true);
-    for (int64_t t = 0; t < T; ++t) {
-      const acc_t* d = dxhat.data() + t * Cp;
-      const acc_t* xh = tile.data() + t * Cp;
-      scalar_t* out = a.dx + b * a.sdb + (n0 + t) * a.sdn;
-      if (a.has_eps) {
+    // LayerNorm backward in place (dxhat -> dx), then one store pass in x's layout.
+    if (a.has_eps) {
+      for (int64_t t = 0; t < T; ++t) {
+        acc_t* d = dxhat.data() + t * Cp;
+        const acc_t* xh = tile.data() + t * Cp;
         acc_t s1 = 0, s2 = 0;
         for (int64_t ch = 0; ch < C; ++ch) {
           s1 += d[ch];
@@ -251,12 +261,10 @@ ICL_ALWAYS_INLINE void backward_item_impl(const BackwardItem<scalar_t, acc_t>& a
         }
         const acc_t mean1 = s1 / acc_t(C), mean2 = s2 / acc_t(C);
         for (int64_t ch = 0; ch < C; ++ch)
-          out[ch * a.sdc] = static_cast<scalar_t>(
-              layer_norm_input_grad<acc_t>(d[ch], xh[ch], rstd[t], mean1, mean2));
-      } else {
-        for (int64_t ch = 0; ch < C; ++ch) out[ch * a.sdc] = static_cast<scalar_t>(d[ch]);
+          d[ch] = layer_norm_input_grad<acc_t>(d[ch], xh[ch], rstd[t], mean1, mean2);
       }
     }
+    store_tokens<scalar_t, acc_t>(dxhat.data(), T, C, Cp, a.dx + b * a.sdb + n0 * a.sdn, a.sdn, a.sdc);
   }
   const int64_t item = b * a.part.splits + s;
   for (int64_t m = 0; m < M; ++m) {
@@ -265,12 +273,8 @@ ICL_ALWAYS_INLINE void backward_item_impl(const BackwardItem<scalar_t, acc_t>& a
   }
 }
 
-ICL_CPU_MULTIVERSION void backward_item(const BackwardItem<float, float>& a, int64_t b, int64_t s) {
-  backward_item_impl(a, b, s);
-}
-ICL_CPU_MULTIVERSION void backward_item(const BackwardItem<double, double>& a, int64_t b, int64_t s) {
-  backward_item_impl(a, b, s);
-}
+ICL_CPU_WORK_ITEM(backward_item, BackwardItem<float, float>)
+ICL_CPU_WORK_ITEM(backward_item, BackwardItem<double, double>)
 
 void check_cpu_dtype(const at::Tensor& x) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,

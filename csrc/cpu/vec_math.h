@@ -16,6 +16,11 @@
 #define ICL_CPU_MULTIVERSION
 #endif
 
+// One work item of a CPU kernel, `void name(const Args& a, int64_t b, int64_t s)`,
+// compiled for every ISA of ICL_CPU_MULTIVERSION around the inlined `name##_impl`.
+#define ICL_CPU_WORK_ITEM(name, ...) \
+  ICL_CPU_MULTIVERSION void name(const __VA_ARGS__& a, int64_t b, int64_t s) { name##_impl(a, b, s); }
+
 #if defined(__GNUC__)
 #define ICL_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
