@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="icl", description="Semi-supervised segmentation with Inherent Consistent Learning")
     sub = p.add_subparsers(dest="command", metavar="{demo,train,evaluate,predict,export,synthetic}")
     sub.required = True
-    d = sub.add_parser("demo", help="ICL vs supervised-only on real MRI (offline, about 15 min on 2 CPU cores)")
+    d = sub.add_parser("demo", help="ICL vs supervised-only on real MRI (offline, about 5 min on 2 CPU cores)")
     d.add_argument("--out", default="icl-demo", help="output folder (default ./icl-demo)")
     d.add_argument("--quick", action="store_true", help="a short smoke run (a few minutes)")
     d.add_argument("--full", action="store_true", help="also train the fully supervised upper bound")
