@@ -5,7 +5,6 @@ The oracle is icl_kernels.reference.prototype_update_math (the naive one-hot
 product) in float64 plus the update rule written out below.
 """
 import os
-import socket
 import tempfile
 
 import pytest
@@ -543,17 +542,13 @@ def test_prototype_memory_state_dict_and_to():
 # ---------------------------------------------------------------- data parallel (gloo, 2 processes)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, world, port, feats, labels, values, weights, out_dir):
+def _dist_worker(rank, world, feats, labels, values, weights, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store: no TCP store server thread in rank 0 that its peer may still be using at exit
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world)
     try:
         half = feats.shape[0] // world
         sl = slice(rank * half, (rank + 1) * half)
@@ -568,6 +563,9 @@ def _dist_worker(rank, world, port, feats, labels, values, weights, out_dir):
         masked_prototype_update_(buf_nd, feats[sl], labels=labels[sl], momentum=0.0, deterministic=False)
         torch.save({"buf": mem.prototypes, "init": mem.initialized, "totals": totals.detach(), "grad_f": f.grad,
                     "grad_v": v.grad, "buf_nd": buf_nd}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks leave their last collective before either tears gloo down: a rank that
+        # destroys the group while its peer is still talking to it can abort in gloo's threads
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -584,7 +582,7 @@ def test_two_process_gloo_matches_single_process():
     values = torch.randn(4, K, C, generator=gen, dtype=torch.float64)
     weights = torch.rand(4, K, generator=gen, dtype=torch.float64)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_dist_worker, args=(2, _free_port(), feats, labels, values, weights, tmp), nprocs=2, join=True)
+        mp.spawn(_dist_worker, args=(2, feats, labels, values, weights, tmp), nprocs=2, join=True)
         r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2))
     for key in ("buf", "init", "totals", "buf_nd"):
         assert torch.equal(r0[key], r1[key]) if key == "init" else torch.equal(bits(r0[key]), bits(r1[key])), key
