@@ -154,6 +154,27 @@ def test_empty_rows_and_batch(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("C", [33, 64])
+def test_token_norm_with_large_common_offset(backend, C):
+    """Tokens far from zero (mean 300, std 1): the variance must come from
+    deviations, not from sum(x^2) - C mean^2, and padded channels must not
+    enter it.  Compared with float64 under the same dtype rule as above."""
+    B, N, M = 2, 70, 5
+    x, A, c = make_inputs(B, N, C, M, contiguous=False)
+    x = (x + 300.0).float()
+    A, c = A.float(), c.float()
+    g = torch.Generator().manual_seed(3)
+    grad_Z = torch.randn(B, M, C, generator=g)
+    grad_S = torch.randn(B, M, N, generator=g)
+    Zr, Sr, gr = oracle(x, A, c, 1e-5, grad_Z, grad_S)
+    Z, S, grads = run_op(x, A, c, 1e-5, backend, grad_Z, grad_S)
+    tol = TOL[torch.float32]  # measured ~1e-5; sum(x^2) - C mean^2 in float32 gives ~2e-3
+    assert rel_err(Z, Zr) <= tol and rel_err(S, Sr) <= tol
+    for name, got, want in zip(("dx", "dA", "dc"), grads, gr):
+        assert rel_err(got, want) <= tol, name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("eps", [None, 1e-3])
 def test_gradcheck_float64(backend, eps):
     x, A, c = make_inputs(2, 13, 6, 3, contiguous=False)

@@ -59,6 +59,17 @@ ICL_ALWAYS_INLINE void vstore(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Sum of the lanes of a vector (pairwise: the lanes are independent chains).
+template <typename V>
+ICL_ALWAYS_INLINE auto hsum(const V& v) -> decltype(v[0] + v[0]) {
+  constexpr int n = sizeof(V) / sizeof(v[0]);
+  decltype(v[0] + v[0]) lanes[n];
+  std::memcpy(lanes, &v, sizeof(V));
+  for (int w = n / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  return lanes[0];
+}
+
 template <typename V>
 ICL_ALWAYS_INLINE V vmax(const V& a, const V& b) {
   return a > b ? a : b;
