@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../proxy_attention.h"
@@ -24,12 +25,6 @@ namespace {
 constexpr int64_t kTile = 32;        // tokens per tile
 constexpr int64_t kMinSplit = 128;   // fewest tokens worth a work item of their own
 constexpr int64_t kMaxItems = 64;    // work items per call, bounds the partial buffers
-// Strided token views (runs along N) are read and written one channel run at a
-// time; runs this many channels ahead are prefetched.  Feature maps have
-// power-of-two N, so every run of a tile falls in the same cache set: a
-// longer distance gets its lines evicted before use (8 measured best on Zen 3,
-// against 2, 4, 6, 16 and none).
-constexpr int64_t kPrefetchAhead = 8;
 
 struct Partition {
   int64_t splits;      // token ranges per batch element
@@ -67,6 +62,47 @@ ICL_ALWAYS_INLINE void prefetch_runs(const T* p, int64_t runs, int64_t run_strid
   }
 }
 
+// dst[j * dld + i] = src[i * sld + j] for i < R, j < Cc: the transposing copies
+// between x-shaped memory, S, dS and the local tiles.  The side in strided
+// memory (src rows when kStridedSrc, else dst rows) is walked one block of 8
+// runs at a time, with the next block prefetched; float blocks of 8x8 go
+// through vector shuffles.
+template <bool kStridedSrc, typename S, typename D>
+ICL_ALWAYS_INLINE void transpose_copy(const S* src, int64_t sld, D* dst, int64_t dld, int64_t R, int64_t Cc) {
+  constexpr bool kVector = ICL_HAVE_TRANSPOSE8 && std::is_same<S, float>::value && std::is_same<D, float>::value;
+  if (kStridedSrc) {
+    for (int64_t i0 = 0; i0 < R; i0 += 8) {
+      const int64_t ib = std::min<int64_t>(8, R - i0);
+      if (i0 + 8 < R) prefetch_runs(src + (i0 + 8) * sld, std::min<int64_t>(8, R - i0 - 8), sld, Cc, false);
+      int64_t j0 = 0;
+#if ICL_HAVE_TRANSPOSE8
+      if constexpr (kVector) {
+        if (ib == 8)
+          for (; j0 + 8 <= Cc; j0 += 8)
+            transpose8x8(src + i0 * sld + j0, sld, dst + j0 * dld + i0, dld);
+      }
+#endif
+      for (int64_t i = i0; i < i0 + ib; ++i)
+        for (int64_t j = j0; j < Cc; ++j) dst[j * dld + i] = static_cast<D>(src[i * sld + j]);
+    }
+  } else {
+    for (int64_t j0 = 0; j0 < Cc; j0 += 8) {
+      const int64_t jb = std::min<int64_t>(8, Cc - j0);
+      if (j0 + 8 < Cc) prefetch_runs(dst + (j0 + 8) * dld, std::min<int64_t>(8, Cc - j0 - 8), dld, R, true);
+      int64_t i0 = 0;
+#if ICL_HAVE_TRANSPOSE8
+      if constexpr (kVector) {
+        if (jb == 8)
+          for (; i0 + 8 <= R; i0 += 8)
+            transpose8x8(src + i0 * sld + j0, sld, dst + j0 * dld + i0, dld);
+      }
+#endif
+      for (int64_t j = j0; j < j0 + jb; ++j)
+        for (int64_t i = i0; i < R; ++i) dst[j * dld + i] = static_cast<D>(src[i * sld + j]);
+    }
+  }
+}
+
 // Copies T tokens (any strides) into tile[t * ld + ch] as acc_t and, when
 // has_eps, normalises each token in place and records its rstd.  Channels
 // ch >= C of the tile are left untouched (callers keep them zero).
@@ -76,11 +112,11 @@ ICL_ALWAYS_INLINE void load_tokens(const scalar_t* x, int64_t sn, int64_t sc, in
   if (sc == 1) {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t ch = 0; ch < C; ++ch) tile[t * ld + ch] = static_cast<acc_t>(x[t * sn + ch]);
-  } else {  // e.g. a [B, C, N] map viewed as tokens: read along the contiguous axis
-    for (int64_t ch = 0; ch < C; ++ch) {
-      if (sn == 1 && ch + kPrefetchAhead < C) prefetch_runs(x + (ch + kPrefetchAhead) * sc, 1, 0, T, false);
+  } else if (sn == 1) {  // a [B, C, N] map viewed as tokens: runs along N
+    transpose_copy<true>(x, sc, tile, ld, C, T);
+  } else {
+    for (int64_t ch = 0; ch < C; ++ch)
       for (int64_t t = 0; t < T; ++t) tile[t * ld + ch] = static_cast<acc_t>(x[t * sn + ch * sc]);
-    }
   }
   if (!has_eps) return;
   // Per-token statistics with vector accumulators over the padded channels
@@ -118,11 +154,11 @@ ICL_ALWAYS_INLINE void store_tokens(const acc_t* tile, int64_t T, int64_t C, int
   if (sc == 1) {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t ch = 0; ch < C; ++ch) out[t * sn + ch] = static_cast<scalar_t>(tile[t * ld + ch]);
+  } else if (sn == 1) {
+    transpose_copy<false>(tile, ld, out, sc, T, C);
   } else {
-    for (int64_t ch = 0; ch < C; ++ch) {
-      if (sn == 1 && ch + kPrefetchAhead < C) prefetch_runs(out + (ch + kPrefetchAhead) * sc, 1, 0, T, true);
+    for (int64_t ch = 0; ch < C; ++ch)
       for (int64_t t = 0; t < T; ++t) out[t * sn + ch * sc] = static_cast<scalar_t>(tile[t * ld + ch]);
-    }
   }
 }
 
@@ -173,10 +209,7 @@ ICL_ALWAYS_INLINE void forward_item_impl(const ForwardItem<scalar_t, acc_t>& a, 
     for (int64_t t = 0; t < T; ++t)
       for (int64_t m = 0; m < Mp; m += W)
         vstore(&logits[t * Mp + m], vload<V>(&logits[t * Mp + m]) + vload<V>(&bias[m]));
-    for (int64_t m = 0; m < M; ++m) {
-      scalar_t* s_out = a.S + (b * M + m) * N + n0;
-      for (int64_t t = 0; t < T; ++t) s_out[t] = static_cast<scalar_t>(logits[t * Mp + m]);
-    }
+    transpose_copy<false>(logits.data(), Mp, a.S + b * M * N + n0, N, T, M);
     // Online softmax: new running max per row, rescale what was accumulated.
     for (int64_t m = 0; m < Mp; m += W) {
       V v = vload<V>(&mx[m]);
@@ -276,11 +309,7 @@ ICL_ALWAYS_INLINE void backward_item_impl(const BackwardItem<scalar_t, acc_t>& a
                                  a.eps, tile.data(), rstd.data());
     gemm_rows<acc_t>(T, C, M2, tile.data(), Cp, 1, RT.data(), M2, g.data(), M2, false);
     if (a.dS) {
-      for (int64_t m = 0; m < M; ++m) {
-        const scalar_t* src = a.dS + (b * M + m) * N + n0;
-        if (m + kPrefetchAhead < M) prefetch_runs(src + kPrefetchAhead * N, 1, 0, T, false);
-        for (int64_t t = 0; t < T; ++t) g_in[t * Mp + m] = static_cast<acc_t>(src[t]);
-      }
+      transpose_copy<true>(a.dS + b * M * N + n0, N, g_in.data(), Mp, M, T);
     }
     // g[t, :Mp] <- dS (the logits' gradient), g[t, Mp:] <- P.
     for (int64_t m = 0; m < Mp; m += W) {

@@ -161,6 +161,34 @@ ICL_ALWAYS_INLINE void gemm_rows(int64_t I, int64_t J, int64_t L, const acc_t* c
   if (l < L) gemm_column_block<acc_t, 1>(I, J, coef, si, sj, rows + l, ldr, out + l, ldo, accumulate);
 }
 
+// Transpose of an 8x8 block of floats: d[j * dld + i] = s[i * sld + j].
+// Eight vector loads, 24 shuffles and eight vector stores instead of 64
+// scalar loads and stores.  Needs __builtin_shufflevector (clang, GCC >= 12).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define ICL_HAVE_TRANSPOSE8 1
+ICL_ALWAYS_INLINE void transpose8x8(const float* s, int64_t sld, float* d, int64_t dld) {
+  using V = Vec<float>::type;
+  V r[8], t[8], u[8];
+  for (int k = 0; k < 8; ++k) r[k] = vload<V>(s + k * sld);
+  for (int k = 0; k < 8; k += 2) {  // interleave row pairs
+    t[k] = __builtin_shufflevector(r[k], r[k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[k + 1] = __builtin_shufflevector(r[k], r[k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int k = 0; k < 8; k += 4) {  // then pairs of pairs
+    u[k] = __builtin_shufflevector(t[k], t[k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[k + 1] = __builtin_shufflevector(t[k], t[k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[k + 2] = __builtin_shufflevector(t[k + 1], t[k + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[k + 3] = __builtin_shufflevector(t[k + 1], t[k + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int k = 0; k < 4; ++k) {  // and the 128-bit halves: column k and column k + 4
+    vstore(d + k * dld, __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    vstore(d + (k + 4) * dld, __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
+#else
+#define ICL_HAVE_TRANSPOSE8 0
+#endif
+
 ICL_ALWAYS_INLINE int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 }  // namespace cpu
