@@ -131,7 +131,17 @@ class Case:
         with self._autocast():
             return [mod(q, x) for mod, q, x, _, _ in self.items]
 
+    def clear_grads(self):
+        """As a training step does (zero_grad(set_to_none=True); x is an
+        activation, not a leaf): no provider pays for accumulating into .grad."""
+        for mod, q, x, _, _ in self.items:
+            q.grad = None
+            x.grad = None
+            for p in mod.parameters():
+                p.grad = None
+
     def forward_backward(self):
+        self.clear_grads()
         outs = self.forward()
         tensors, grads = [], []
         for (out, attn), (_, _, _, g_out, g_attn) in zip(outs, self.items):
@@ -146,7 +156,11 @@ class Case:
         for (out, attn), (_, _, _, g_out, g_attn) in zip(outs, self.items):
             tensors += [out, attn]
             grads += [g_out.to(out.dtype), g_attn.to(attn.dtype)]
-        return lambda: torch.autograd.backward(tensors, grads, retain_graph=True)
+        def backward():
+            self.clear_grads()
+            torch.autograd.backward(tensors, grads, retain_graph=True)
+
+        return backward
 
     def bytes_moved(self, mode: str) -> int:
         """Bytes a fused kernel must move: x read + S written (fwd); x read, dS read,

@@ -70,35 +70,36 @@ ICL_ALWAYS_INLINE void prefetch_runs(const T* p, int64_t runs, int64_t run_strid
 template <bool kStridedSrc, typename S, typename D>
 ICL_ALWAYS_INLINE void transpose_copy(const S* src, int64_t sld, D* dst, int64_t dld, int64_t R, int64_t Cc) {
   constexpr bool kVector = ICL_HAVE_TRANSPOSE8 && std::is_same<S, float>::value && std::is_same<D, float>::value;
-  if (kStridedSrc) {
-    for (int64_t i0 = 0; i0 < R; i0 += 8) {
-      const int64_t ib = std::min<int64_t>(8, R - i0);
-      if (i0 + 8 < R) prefetch_runs(src + (i0 + 8) * sld, std::min<int64_t>(8, R - i0 - 8), sld, Cc, false);
-      int64_t j0 = 0;
+  // One block of at most 8 x 8: rows [i0, i0 + ib) of src, columns [j0, j0 + jb).
+  auto block = [&](int64_t i0, int64_t ib, int64_t j0, int64_t jb) {
 #if ICL_HAVE_TRANSPOSE8
-      if constexpr (kVector) {
-        if (ib == 8)
-          for (; j0 + 8 <= Cc; j0 += 8)
-            transpose8x8(src + i0 * sld + j0, sld, dst + j0 * dld + i0, dld);
+    if constexpr (kVector) {
+      if (ib == 8 && jb == 8) {
+        transpose8x8(src + i0 * sld + j0, sld, dst + j0 * dld + i0, dld);
+        return;
       }
-#endif
-      for (int64_t i = i0; i < i0 + ib; ++i)
-        for (int64_t j = j0; j < Cc; ++j) dst[j * dld + i] = static_cast<D>(src[i * sld + j]);
     }
-  } else {
-    for (int64_t j0 = 0; j0 < Cc; j0 += 8) {
-      const int64_t jb = std::min<int64_t>(8, Cc - j0);
-      if (j0 + 8 < Cc) prefetch_runs(dst + (j0 + 8) * dld, std::min<int64_t>(8, Cc - j0 - 8), dld, R, true);
-      int64_t i0 = 0;
-#if ICL_HAVE_TRANSPOSE8
-      if constexpr (kVector) {
-        if (jb == 8)
-          for (; i0 + 8 <= R; i0 += 8)
-            transpose8x8(src + i0 * sld + j0, sld, dst + j0 * dld + i0, dld);
-      }
 #endif
-      for (int64_t j = j0; j < j0 + jb; ++j)
-        for (int64_t i = i0; i < R; ++i) dst[j * dld + i] = static_cast<D>(src[i * sld + j]);
+    for (int64_t i = i0; i < i0 + ib; ++i)
+      for (int64_t j = j0; j < j0 + jb; ++j) dst[j * dld + i] = static_cast<D>(src[i * sld + j]);
+  };
+  // Outer loop over blocks of strided runs (prefetching the next block), inner along the runs.
+  const int64_t outer = kStridedSrc ? R : Cc, inner = kStridedSrc ? Cc : R;
+  for (int64_t o0 = 0; o0 < outer; o0 += 8) {
+    const int64_t ob = std::min<int64_t>(8, outer - o0);
+    if (o0 + 8 < outer) {
+      const int64_t nb = std::min<int64_t>(8, outer - o0 - 8);
+      if (kStridedSrc)
+        prefetch_runs(src + (o0 + 8) * sld, nb, sld, inner, false);
+      else
+        prefetch_runs(dst + (o0 + 8) * dld, nb, dld, inner, true);
+    }
+    for (int64_t n0 = 0; n0 < inner; n0 += 8) {
+      const int64_t nb = std::min<int64_t>(8, inner - n0);
+      if (kStridedSrc)
+        block(o0, ob, n0, nb);
+      else
+        block(n0, nb, o0, ob);
     }
   }
 }
