@@ -80,6 +80,14 @@ def _compiled_published(C, H):
             functorch_config.donated_buffer = False
     except ImportError:
         pass
+    # Every shape set builds new modules of the same class, and each counts as a
+    # recompile of the same forward: past dynamo's limit (8) it would silently run
+    # eagerly and the "compile" rows would measure eager code.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
     return torch.compile(Published(C, H))
 
 
