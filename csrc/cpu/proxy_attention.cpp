@@ -44,8 +44,8 @@ Partition partition_tokens(int64_t B, int64_t N) {
 // strided view with runs along N (a [B, C, N] map viewed as [B, N, C]): a
 // tile is then C short runs on C different pages, too many streams for the
 // hardware prefetchers, and the loads wait on memory (measured: about half
-// of the backward's time).  Both the next tile (to the outer caches) and the
-// runs a few channels ahead inside the tile are prefetched.  Rows of tokens
+// of the backward's time).  The tile loops prefetch the next tile, and
+// transpose_copy the next block of 8 runs inside a tile.  Rows of tokens
 // (sc == 1) are left to the hardware.
 template <typename T>
 ICL_ALWAYS_INLINE void prefetch_runs(const T* p, int64_t runs, int64_t run_stride, int64_t len, bool write) {
