@@ -3,6 +3,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import icl_kernels
@@ -33,7 +34,11 @@ def _bn(prefix, c):
 
 
 def _published_unet2d_keys(cin, K):
-    """Keys/shapes of UNet_icl's encoder/decoder (code/networks/unet_icl.py, bilinear=False)."""
+    """Keys/shapes of UNet_icl's encoder/decoder (code/networks/unet_icl.py).
+
+    The published Decoder builds its UpBlocks without passing ``bilinear``, so each
+    holds a 1x1 conv (``conv1x1``) and a parameter-free bilinear upsampler.
+    """
     ch = [16, 32, 64, 128, 256]
     keys = {}
 
@@ -48,8 +53,7 @@ def _published_unet2d_keys(cin, K):
         conv_block(f"encoder.down{i}.maxpool_conv.1", ch[i - 1], ch[i])
     for i in range(1, 5):
         a, b = ch[5 - i], ch[4 - i]
-        keys[f"decoder.up{i}.up.weight"] = (a, b, 2, 2)  # ConvTranspose2d: [in, out, k, k]
-        keys[f"decoder.up{i}.up.bias"] = (b,)
+        keys.update(_conv(f"decoder.up{i}.conv1x1", a, b, 1, 2))
         conv_block(f"decoder.up{i}.conv", 2 * b, b)
     keys.update(_conv("decoder.out_conv", ch[0], K, 3, 2))
     return keys
@@ -81,6 +85,62 @@ def _shapes(module):
 def test_unet2d_state_dict_matches_published():
     assert _shapes(UNet2D(1, 4)) == _published_unet2d_keys(1, 4)
     assert _shapes(UNet2D(3, 2)) == _published_unet2d_keys(3, 2)
+
+
+def _published_unet2d_forward(sd, x):
+    """The published 2D UNet as it executes in eval mode, written out functionally
+    from a state_dict (conv -> BN(running stats) -> LeakyReLU(0.01) twice per block,
+    max-pool down, up = 1x1 conv then bilinear x2 with align_corners=True, concat
+    [skip, up]). Returns (logits, [x_1, x_2, x_3])."""
+
+    def block(prefix, t):
+        for conv, bn in ((0, 1), (4, 5)):
+            t = F.conv2d(t, sd[f"{prefix}.conv_conv.{conv}.weight"], sd[f"{prefix}.conv_conv.{conv}.bias"], padding=1)
+            t = F.batch_norm(t, sd[f"{prefix}.conv_conv.{bn}.running_mean"], sd[f"{prefix}.conv_conv.{bn}.running_var"],
+                             sd[f"{prefix}.conv_conv.{bn}.weight"], sd[f"{prefix}.conv_conv.{bn}.bias"], False, 0.0, 1e-5)
+            t = F.leaky_relu(t, 0.01)
+        return t
+
+    enc = [block("encoder.in_conv", x)]
+    for i in range(1, 5):
+        enc.append(block(f"encoder.down{i}.maxpool_conv.1", F.max_pool2d(enc[-1], 2)))
+    t, feats = enc[4], []
+    for i in range(1, 5):
+        t = F.conv2d(t, sd[f"decoder.up{i}.conv1x1.weight"], sd[f"decoder.up{i}.conv1x1.bias"])
+        t = F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
+        t = block(f"decoder.up{i}.conv", torch.cat([enc[4 - i], t], dim=1))
+        feats.append(t)
+    logits = F.conv2d(t, sd["decoder.out_conv.weight"], sd["decoder.out_conv.bias"], padding=1)
+    return logits, feats[:3]
+
+
+def test_unet2d_forward_matches_published_float64():
+    torch.manual_seed(0)
+    net = UNet2D(2, 3).double()
+    with torch.no_grad():  # non-trivial BN statistics and affines, so BN placement matters
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    net.eval()
+    x = torch.randn(2, 2, 48, 32, dtype=torch.float64)
+    logits, feats = net(x, return_features=True)
+    ref_logits, ref_feats = _published_unet2d_forward(net.state_dict(), x)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-12)
+    for f, r in zip(feats, ref_feats):
+        torch.testing.assert_close(f, r, rtol=0, atol=1e-12)
+    # the transcription is sensitive to the upsampling corners: a model that used
+    # align_corners=False would not pass the comparison above
+    t = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    assert not torch.allclose(F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True),
+                              F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+def test_unet2d_parameter_count_matches_published():
+    # 1,813,764 for the published UNet_icl backbone (1 input channel, 4 classes)
+    assert sum(p.numel() for p in UNet2D(1, 4).parameters()) == 1_813_764
 
 
 def test_unet3d_state_dict_matches_published():

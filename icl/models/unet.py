@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["UNet2D", "UNet3D"]
@@ -59,15 +60,22 @@ class _DownBlock2d(nn.Module):
 
 
 class _UpBlock2d(nn.Module):
-    """Transposed conv 2x2/2 (published ``bilinear=False``), concat [skip, up], ConvBlock."""
+    """1x1 conv to the skip's width, bilinear x2 (``align_corners=True``), concat
+    [skip, up], ConvBlock.
+
+    This is what the published ``UpBlock`` executes: its ``Decoder`` never passes
+    ``bilinear``, so the default ``bilinear=True`` branch runs (the
+    ``params['bilinear'] = False`` entry is never read).
+    """
 
     def __init__(self, in_ch: int, skip_ch: int, out_ch: int) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_ch, skip_ch, kernel_size=2, stride=2)
+        self.conv1x1 = nn.Conv2d(in_ch, skip_ch, kernel_size=1)
         self.conv = _ConvBlock2d(2 * skip_ch, out_ch, 0.0)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+        up = F.interpolate(self.conv1x1(x), scale_factor=2, mode="bilinear", align_corners=True)
+        return self.conv(torch.cat([skip, up], dim=1))
 
 
 class _Encoder2d(nn.Module):
@@ -108,8 +116,9 @@ class _Decoder2d(nn.Module):
 class UNet2D(nn.Module):
     """The published 2D UNet of ICL (``UNet_icl`` without its ICL modules).
 
-    Channels 16..256, encoder dropout [0.05, 0.1, 0.2, 0.3, 0.5], transposed-conv
-    up blocks. Input [B, in_channels, H, W] with H, W divisible by 16.
+    Channels 16..256, encoder dropout [0.05, 0.1, 0.2, 0.3, 0.5], up blocks of a
+    1x1 conv then bilinear x2 upsampling with ``align_corners=True`` (what the
+    published decoder runs). Input [B, in_channels, H, W] with H, W divisible by 16.
 
     ``forward(x, return_features=None)``: logits [B, num_classes, H, W]; with
     ``return_features`` (default: ``self.training``) also the decoder outputs
