@@ -6,7 +6,8 @@ A training checkpoint is a dict of plain types and tensors (loadable with
     format: "icl-checkpoint", version: 1, kind: "train" | "weights"
     model_config: {arch, in_channels, num_classes, patch_size, mixer, global_queries, faithful, method}
     data_config:  {dataset, preprocessing: {...}, spacing}
-    model: state_dict (the ICLNet, or the bare backbone for method "supervised")
+    model: state_dict (the ICLNet for method "icl", the bare backbone for every other method)
+    method_state: extra state of the method in training checkpoints (Mean Teacher: the EMA teacher)
     iteration, best, config (the run's full config)
     kind "train" only: optimizer, scaler, rng (per rank), sampler
 
@@ -120,7 +121,7 @@ def load_state(module: torch.nn.Module, state: Dict, what: str = "checkpoint") -
 def backbone_state(ckpt: Dict) -> Dict[str, torch.Tensor]:
     """The backbone's own state dict from a full, supervised or exported checkpoint."""
     state = ckpt["model"]
-    if ckpt.get("kind") == "backbone" or ckpt.get("model_config", {}).get("method") == "supervised":
+    if ckpt.get("kind") == "backbone" or ckpt.get("model_config", {}).get("method", "icl") != "icl":
         return OrderedDict(state)
     return OrderedDict((k[len("backbone."):], v) for k, v in state.items() if k.startswith("backbone."))
 

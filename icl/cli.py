@@ -48,7 +48,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="intensity augmentations: 'default' or a list from gamma,noise,bias")
     g.add_argument("--num-workers", type=int, default=S)
     g = p.add_argument_group("model and method")
-    g.add_argument("--method", choices=["icl", "supervised"], default=S)
+    g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch"], default=S)
+    g.add_argument("--icl-views", choices=["one", "weak-strong"], default=S,
+                   help="icl: one view of the unlabeled batch (published) or weak targets / strong USCL input")
     g.add_argument("--mixer", choices=["conv", "mlp"], default=S)
     g.add_argument("--global-queries", choices=["memory", "batch"], default=S)
     g.add_argument("--faithful", action="store_true", default=S, help="published head quirks (for equivalence)")

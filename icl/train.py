@@ -45,13 +45,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
 from . import checkpoint as ckpt_mod
 from .data import (DATASETS, IntensityAugment, TrainAugment, TrainDataset, TwoStreamBatchSampler,
                    build_source, make_splits)
 from .evaluate import evaluate_cases, json_ready, write_results
 from .inference import autocast
+from .methods.base import supervised_loss  # noqa: F401  (re-exported: icl.train.supervised_loss)
 
 
 class ConfigError(ValueError):
@@ -91,6 +90,7 @@ class TrainConfig:
     num_workers: int = 2
     # model / method
     method: str = "icl"
+    icl_views: str = "one"
     mixer: str = "conv"
     global_queries: str = "batch"
     faithful: bool = False
@@ -176,10 +176,12 @@ class TrainConfig:
             self.labeled_bs = self.batch_size // 2
         if self.labeled_bs <= 0 or self.labeled_bs > self.batch_size:
             raise ConfigError(f"--labeled-bs {self.labeled_bs} must be in 1..--batch-size ({self.batch_size})")
-        if self.method not in ("icl", "supervised"):
-            raise ConfigError(f"--method {self.method!r}: expected icl or supervised")
-        if self.method == "icl" and self.labeled_bs == self.batch_size:
-            raise ConfigError(f"--labeled-bs {self.labeled_bs} leaves no unlabeled slot in --batch-size {self.batch_size}")
+        from .methods import get_method
+
+        try:
+            get_method(self.method).check_config(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"--amp {self.amp!r}: expected none, bf16 or fp16")
         if self.backend not in ("auto", "triton", "cuda", "cpu", "torch"):
@@ -192,11 +194,6 @@ class TrainConfig:
             IntensityAugment.from_config(self.intensity_aug)
         except ValueError as exc:
             raise ConfigError(f"--intensity-aug: {exc}") from exc
-        if self.loss_weights:
-            allowed = {"supervised", "auxiliary", "pseudo", "consistency"}
-            bad = sorted(set(self.loss_weights) - allowed)
-            if bad:
-                raise ConfigError(f"loss_weights: unknown term(s) {bad}; expected {sorted(allowed)}")
         return self
 
     def model_config(self) -> Dict:
@@ -283,26 +280,15 @@ class _Dist:
 
 
 class _TrainStep(torch.nn.Module):
-    """Routes DDP's forward to ICLNet.forward_train (or the backbone for the baseline)."""
+    """Routes DDP's forward to the method's forward (everything that needs gradients)."""
 
-    def __init__(self, net, method: str):
+    def __init__(self, net, method):
         super().__init__()
         self.net = net
         self.method = method
 
-    def forward(self, x_lab, x_unlab=None, y_lab=None):
-        if self.method == "supervised":
-            return self.net(x_lab, return_features=False)
-        return self.net.forward_train(x_lab, x_unlab, y_lab)
-
-
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """CE + Dice (the published supervised term)."""
-    from .losses import dice_loss
-
-    logits = logits.float()
-    onehot = F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
-    return F.cross_entropy(logits, labels.long()) + dice_loss(torch.softmax(logits, dim=1), onehot)
+    def forward(self, x_lab, x_unlab=None, y_lab=None, iteration: int = 0):
+        return self.method.forward(self.net, x_lab, x_unlab, y_lab, iteration)
 
 
 def poly_lr(base_lr: float, it: int, max_it: int, power: float) -> float:
@@ -364,7 +350,7 @@ class TrainResult:
 
 def _log_fields():
     return ["iteration", "lr", "total", "supervised", "auxiliary", "pseudo", "consistency",
-            "consistency_scale", "seconds", "it_per_s"]
+            "consistency_scale", "mask_ratio", "seconds", "it_per_s"]
 
 
 def train(config, hooks: Sequence[Callable] = ()) -> TrainResult:
@@ -427,26 +413,21 @@ class _Trainer:
 
     def _setup_model(self):
         cfg = self.cfg
-        from .models import UNet2D, UNet3D, build_model
+        from .methods import get_method
 
         backend = None if cfg.backend == "auto" else cfg.backend  # auto also weighs the dtype (bf16 on CPU -> torch)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        if cfg.method == "supervised":
-            cls = UNet2D if cfg.spatial_dims == 2 else UNet3D
-            self.net = cls(cfg.in_channels, cfg.num_classes)
-            self.backbone = self.net
-        else:
-            try:
-                self.net = build_model("unet2d" if cfg.spatial_dims == 2 else "unet3d", cfg.in_channels,
-                                       cfg.num_classes, tuple(cfg.patch_size), mixer=cfg.mixer,
-                                       global_queries=cfg.global_queries, faithful=cfg.faithful, backend=backend,
-                                       max_mixer_params=cfg.max_mixer_params)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
-            self.backbone = self.net.backbone
+        self.method = get_method(cfg.method)(cfg)
+        self.method.set_weights(cfg.loss_weights)
+        try:
+            self.net = self.method.build_net(backend)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        self.backbone = self.method.backbone(self.net)
         self.backbone.patch_size = tuple(cfg.patch_size)
         self.net.to(self.device)
-        step = _TrainStep(self.net, cfg.method)
+        self.method.to(self.device)
+        step = _TrainStep(self.net, self.method)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -459,12 +440,6 @@ class _Trainer:
         self.scaler = None
         if cfg.amp == "fp16" and self.device.type == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
-        from .losses import LossWeights
-
-        w = LossWeights.published(cfg.spatial_dims)
-        if cfg.loss_weights:
-            w = dataclasses.replace(w, **{k: float(v) for k, v in cfg.loss_weights.items()})
-        self.loss_weights = w
 
     # -- checkpoints -----------------------------------------------------------
     def _data_config(self) -> Dict:
@@ -494,6 +469,7 @@ class _Trainer:
             c.update({"optimizer": self.optimizer.state_dict(),
                       "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                       "rng": rngs, "world_size": self.dist.world_size,
+                      "method_state": self.method.state_dict(),
                       "sampler": {"step": self.iteration, "seed": self.cfg.seed}})
             ckpt_mod.save_atomic(c, path)
         self.dist.barrier()
@@ -521,6 +497,10 @@ class _Trainer:
             if k in old and old[k] != getattr(self.cfg, k):
                 warnings.warn(f"--resume: {k} was {old[k]!r} in {path}, now {getattr(self.cfg, k)!r}")
         ckpt_mod.load_state(self.net, c["model"], what=path)
+        try:
+            self.method.load_state_dict(c.get("method_state") or {})
+        except (ValueError, RuntimeError) as exc:
+            raise ckpt_mod.CheckpointError(f"{path}: {exc}") from exc
         self.optimizer.load_state_dict(c["optimizer"])
         if self.scaler is not None and c.get("scaler"):
             self.scaler.load_state_dict(c["scaler"])
@@ -696,7 +676,7 @@ class _Trainer:
     def _loop(self):
         cfg = self.cfg
         L = cfg.labeled_bs
-        bs = L if cfg.method == "supervised" else cfg.batch_size
+        bs = cfg.batch_size if self.method.uses_unlabeled else L
         sampler = TwoStreamBatchSampler(self.splits.labeled_indices, self.splits.unlabeled_indices, bs, L,
                                         seed=cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                                         start_step=self.iteration, max_steps=cfg.max_iterations)
@@ -720,7 +700,8 @@ class _Trainer:
                     now = time.perf_counter()
                     dt, t_last = now - t_last, now
                     row = {"iteration": self.iteration, "lr": self._lr, "seconds": round(dt, 5),
-                           "it_per_s": round(1.0 / max(dt, 1e-9), 3), "consistency_scale": self._cscale}
+                           "it_per_s": round(1.0 / max(dt, 1e-9), 3)}
+                    row.update(self.method.log_scalars())
                     row.update({k: float(v) for k, v in losses.items()})
                     self._log(row)
                     bar.update(1)
@@ -753,17 +734,10 @@ class _Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self._lr = lr
-        from .losses import consistency_rampup, icl_losses
-
-        self._cscale = consistency_rampup(self.iteration, cfg.consistency_rampup)
+        x_unlab = x[L:] if self.method.uses_unlabeled else None
         with autocast(self.device, cfg.amp):
-            if cfg.method == "supervised":
-                logits = self.step_module(x[:L])
-                sup = supervised_loss(logits, y[:L], cfg.num_classes)
-                losses = {"total": sup, "supervised": sup}
-            else:
-                out = self.step_module(x[:L], x[L:], y[:L])
-                losses = icl_losses(out, y[:L], cfg.num_classes, self.loss_weights, consistency_scale=self._cscale)
+            out = self.step_module(x[:L], x_unlab, y[:L], self.iteration)
+            losses = self.method.losses(out, y[:L], self.iteration)
         total = losses["total"].float()
         if not torch.isfinite(total) and self.scaler is None:
             raise FloatingPointError(
@@ -777,4 +751,5 @@ class _Trainer:
         else:
             total.backward()
             self.optimizer.step()
+        self.method.after_step(self.net, self.iteration + 1)
         return {k: v.detach().float() for k, v in losses.items()}

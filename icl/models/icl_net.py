@@ -147,13 +147,29 @@ class ICLNet(nn.Module):
                     mem.update(q.detach(), weights)
         return [mem().detach().unsqueeze(0) for mem in self.memories]
 
-    def forward_train(self, x_lab: Tensor, x_unlab: Tensor, labels_lab: Optional[Tensor] = None) -> ICLOutputs:
-        """The published training flow (two backbone passes, SSPA twice, USCL once)."""
+    def forward_train(self, x_lab: Tensor, x_unlab: Tensor, labels_lab: Optional[Tensor] = None,
+                      x_unlab_strong: Optional[Tensor] = None) -> ICLOutputs:
+        """The published training flow (two backbone passes, SSPA twice, USCL once).
+
+        With ``x_unlab_strong`` (a perturbed view of ``x_unlab``): the targets of the
+        unlabeled losses (the backbone's prediction and SSPA's maps) come from
+        ``x_unlab`` without gradients, and USCL runs on the strong view's
+        features, so its maps must agree across the perturbation (one more
+        backbone forward, no backward through it).
+        """
         logits_lab, feats_lab = self.backbone(x_lab, return_features=True)
-        logits_unlab, feats_unlab = self.backbone(x_unlab, return_features=True)
         maps_lab, queries_lab = self.sspa(feats_lab)
-        maps_unlab_sspa, _ = self.sspa(feats_unlab)
-        maps_unlab, _ = self.uscl(feats_unlab, self._global_queries(queries_lab, labels_lab))
+        queries = self._global_queries(queries_lab, labels_lab)
+        if x_unlab_strong is None:
+            logits_unlab, feats_unlab = self.backbone(x_unlab, return_features=True)
+            maps_unlab_sspa, _ = self.sspa(feats_unlab)
+            maps_unlab, _ = self.uscl(feats_unlab, queries)
+        else:
+            with torch.no_grad():
+                logits_unlab, feats_weak = self.backbone(x_unlab, return_features=True)
+                maps_unlab_sspa, _ = self.sspa(feats_weak)
+            _, feats_strong = self.backbone(x_unlab_strong, return_features=True)
+            maps_unlab, _ = self.uscl(feats_strong, queries)
         return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab)
 
     def backbone_state_dict(self) -> "Dict[str, Tensor]":

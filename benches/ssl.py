@@ -1,0 +1,312 @@
+"""Label-efficiency benchmark: semi-supervised methods x seeds x labeled budgets on
+the synthetic brain population (:mod:`icl.demo.population`).
+
+    python -m benches.ssl                       # the committed table (3 seeds)
+    python -m benches.ssl --quick               # a smoke run (tiny population, a few iterations)
+    python -m benches.ssl --methods supervised,icl --seeds 1 --iterations 500
+
+Every run is one ``icl train`` subprocess (same backbone, data pipeline, labeled
+slices, iterations, weak augmentation and evaluation for every method), with
+``OMP_NUM_THREADS`` = ``--threads`` (default 1) and ``--jobs`` runs at a time.
+A run whose ``metrics.json`` already holds a test result is reused, so a killed
+table continues where it stopped. The checkpoint that is tested is the best on
+the validation subjects; the test subjects are never used for a choice.
+
+Outputs (``--out``, default ``benches/results/cpu/ssl``): ``runs.csv`` (one row
+per run: test Dice overall and per contrast family, HD95, wall time, command),
+``summary.md`` (mean +- sample standard deviation over seeds), ``ssl.png``.
+``--csv``/``--plot`` copy the CSV / the plot elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+import numpy as np
+
+# name -> (label, extra `icl train` arguments, labeled: "budget" or "all")
+METHODS: Dict[str, tuple] = {
+    "supervised": ("supervised only", ["--method", "supervised"], "budget"),
+    "mean-teacher": ("Mean Teacher", ["--method", "mean-teacher"], "budget"),
+    "fixmatch": ("FixMatch", ["--method", "fixmatch"], "budget"),
+    "icl": ("ICL (published formulation)", ["--method", "icl"], "budget"),
+    "icl-ws": ("ICL, weak-strong views", ["--method", "icl", "--icl-views", "weak-strong"], "budget"),
+    "icl-ws-memory": ("ICL, weak-strong views, prototype memory",
+                      ["--method", "icl", "--icl-views", "weak-strong", "--global-queries", "memory"], "budget"),
+    "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
+}
+DEFAULT_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]
+
+COLUMNS = ["method", "seed", "labeled_slices", "dice_mean", "dice_gm", "dice_wm", "dice_t1", "dice_other",
+           "hd95_mean", "best_iteration", "iterations", "wall_s", "it_per_s", "threads", "git_commit",
+           "machine", "timestamp", "command"]
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except Exception:
+        return ""
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benches.ssl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (default 3)")
+    p.add_argument("--budgets", default="2", help="labeled slices, comma-separated (default 2)")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8, help="per step; half of it labeled (default 8)")
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per run (default 1)")
+    p.add_argument("--out", default=os.path.join("benches", "results", "cpu", "ssl"))
+    p.add_argument("--data-dir", help="population folder (default OUT/data)")
+    p.add_argument("--population-seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny population and 20 iterations (smoke test)")
+    p.add_argument("--csv", help="also write the runs CSV here")
+    p.add_argument("--plot", help="also write the plot (PNG) here")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; expected some of {', '.join(METHODS)}")
+    try:
+        args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--budgets: expected comma-separated integers, got {args.budgets!r}")
+    if not args.budgets or min(args.budgets) < 1:
+        p.error("--budgets: every budget must be >= 1 labeled slice")
+    for name in ("seeds", "iterations", "batch_size", "jobs", "threads", "val_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size < 2:
+        p.error("--batch-size must be >= 2 (half labeled, half unlabeled)")
+    if args.quick:
+        args.iterations = min(args.iterations, 10)
+        args.val_every = min(args.val_every, 5)
+    return args
+
+
+def population_spec(args):
+    from icl.demo.population import PopulationSpec
+
+    if args.quick:
+        return PopulationSpec(size=32, labeled_slices=max(args.budgets), train_slices=max(4, max(args.budgets)),
+                              unlabeled_subjects=4, val_subjects=2, test_subjects=3, eval_slices=4,
+                              seed=args.population_seed)
+    return PopulationSpec(labeled_slices=min(max(args.budgets), 8), seed=args.population_seed)
+
+
+def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, log) -> Dict:
+    label, extra, labeled = METHODS[method]
+    n_train = meta["counts"]["train_slices"]
+    run_dir = os.path.join(args.out, "runs", f"{method}-b{budget}-s{seed}")
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    fraction = 1.0 if labeled == "all" else budget / n_train
+    size = meta["params"]["size"]
+    cmd = [sys.executable, "-m", "icl", "train", "--dataset", "acdc", "--root", root, "--num-classes", "3",
+           "--labeled-fraction", repr(fraction), "--patch-size", str(size), str(size),
+           "--batch-size", str(args.batch_size), "--labeled-bs", str(args.batch_size // 2),
+           "--max-iterations", str(args.iterations), "--val-every", str(args.val_every), "--save-every", "0",
+           "--intensity-aug", "default", "--seed", str(seed), "--num-workers", "0", "--device", args.device,
+           "--out", run_dir, "--no-progress"] + extra
+    wall = None
+    done = None
+    if os.path.isfile(metrics_path):
+        with open(metrics_path) as fh:
+            done = json.load(fh)
+        if "test" not in done or done.get("config", {}).get("max_iterations") != args.iterations:
+            done = None
+    if done is None:
+        if os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                   OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        t0 = time.perf_counter()
+        with open(os.path.join(run_dir, "stdout.log"), "w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{method} seed {seed}: icl train exited {proc.returncode}; see {run_dir}/stdout.log")
+        with open(metrics_path) as fh:
+            done = json.load(fh)
+        with open(os.path.join(run_dir, "wall.json"), "w") as fh:
+            json.dump({"wall_s": wall, "threads": args.threads}, fh)
+    else:
+        try:
+            with open(os.path.join(run_dir, "wall.json")) as fh:
+                wall = json.load(fh)["wall_s"]
+        except (OSError, KeyError, ValueError):
+            wall = float("nan")
+    # per contrast family, from the per-case results
+    family = meta["test_contrast"]
+    per_case: Dict[str, List[float]] = {}
+    with open(os.path.join(run_dir, "test", "cases.csv")) as fh:
+        for r in csv.DictReader(fh):
+            if r["class"] in ("1", "2"):
+                per_case.setdefault(r["case"], []).append(float(r["dice"]))
+    case_mean = {c: float(np.mean(v)) for c, v in per_case.items()}
+
+    def fam(f):
+        v = [d for c, d in case_mean.items() if family.get(c) == f]
+        return float(np.mean(v)) if v else float("nan")
+
+    test = done["test"]
+    pc = test["per_class"]
+    row = {"method": method, "seed": seed, "labeled_slices": n_train if labeled == "all" else budget,
+           "dice_mean": float(np.mean([pc["1"]["dice"], pc["2"]["dice"]])), "dice_gm": pc["1"]["dice"],
+           "dice_wm": pc["2"]["dice"], "dice_t1": fam("t1"), "dice_other": fam("other"),
+           "hd95_mean": float(np.mean([pc["1"]["hd95"], pc["2"]["hd95"]])),
+           "best_iteration": (done.get("best") or {}).get("iteration"), "iterations": done.get("iteration"),
+           "wall_s": round(wall, 1) if wall is not None else "", "threads": args.threads,
+           "it_per_s": round(done.get("iteration", 0) / wall, 2) if wall else "",
+           "git_commit": _git_commit(), "machine": _machine(),
+           "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+           "command": " ".join(shlex.quote(c) for c in cmd[1:])}
+    log(f"[{method} budget {budget} seed {seed}] test Dice {row['dice_mean']:.4f} "
+        f"(T1-like {row['dice_t1']:.4f}, other contrast {row['dice_other']:.4f}), {row['wall_s']} s")
+    return row
+
+
+def summarize(rows: List[Dict]) -> List[Dict]:
+    out = []
+    keys = []
+    for r in rows:
+        k = (r["method"], r["labeled_slices"])
+        if k not in keys:
+            keys.append(k)
+    for method, budget in keys:
+        sel = [r for r in rows if r["method"] == method and r["labeled_slices"] == budget]
+        e = {"method": method, "labeled_slices": budget, "n": len(sel)}
+        for k in ("dice_mean", "dice_t1", "dice_other", "hd95_mean", "wall_s"):
+            v = np.array([float(r[k]) for r in sel if r[k] not in ("", None)], dtype=float)
+            e[k] = float(np.mean(v)) if len(v) else float("nan")
+            e[k + "_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+        out.append(e)
+    return out
+
+
+def markdown(summary: List[Dict], args, meta: Dict, wall: float) -> str:
+    base = {e["labeled_slices"]: e for e in summary if e["method"] == "supervised"}
+    lines = ["| method | labeled slices | test Dice (GM, WM mean) | vs supervised | T1-like subjects | other contrasts "
+             "| HD95 (px) | wall time per run (s) |", "|---|---|---|---|---|---|---|---|"]
+    for e in summary:
+        b = base.get(e["labeled_slices"])
+        diff = f"{100 * (e['dice_mean'] - b['dice_mean']):+.1f}" if b is not None and e["method"] != "supervised" else ""
+
+        def pm(k):
+            sd = e[k + "_sd"]
+            return f"{e[k]:.3f}" + (f" ± {sd:.3f}" if np.isfinite(sd) else "")
+
+        lines.append(f"| {METHODS[e['method']][0]} | {e['labeled_slices']} | {pm('dice_mean')} | {diff} | "
+                     f"{pm('dice_t1')} | {pm('dice_other')} | {e['hd95_mean']:.2f} | {e['wall_s']:.0f} |")
+    c = meta["counts"]
+    fam = list(meta["test_contrast"].values())
+    lines += ["", f"Mean ± sample standard deviation over {args.seeds} training seed(s) (seeds 0..{args.seeds - 1}); "
+              f"one population (seed {args.population_seed}): {c['train']} training subjects "
+              f"({c['train_slices']} slices, {len(meta['labeled_slices'])} of them labeled at most), {c['val']} validation and {c['test']} test "
+              f"subjects ({fam.count('t1')} T1-like, {fam.count('other')} other contrasts), "
+              f"{meta['params']['size']}x{meta['params']['size']} px. {args.iterations} iterations, batch "
+              f"{args.batch_size} ({args.batch_size // 2} labeled), best-validation checkpoint tested, "
+              f"{args.jobs} run(s) at a time with {args.threads} thread(s) each; total {wall:.0f} s; commit "
+              f"{_git_commit()}; {_machine()}."]
+    return "\n".join(lines)
+
+
+def plot(summary: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    names = [f"{e['method']}\n({e['labeled_slices']})" for e in summary]
+    x = np.arange(len(summary))
+    for off, key, lab in ((-0.27, "dice_mean", "all test subjects"), (0.0, "dice_t1", "T1-like"),
+                          (0.27, "dice_other", "other contrasts")):
+        ax.bar(x + off, [e[key] for e in summary], 0.27,
+               yerr=[e[key + "_sd"] if np.isfinite(e[key + "_sd"]) else 0 for e in summary], label=lab, capsize=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("test Dice (GM, WM mean)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("label efficiency on the synthetic brain population (mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from icl.demo.population import build_population
+
+    os.makedirs(args.out, exist_ok=True)
+    root = args.data_dir or os.path.join(args.out, "data")
+    t0 = time.perf_counter()
+    meta = build_population(root, population_spec(args))
+    jobs = [(m, s, b) for b in args.budgets for s in range(args.seeds) for m in args.methods
+            if not (METHODS[m][2] == "all" and b != args.budgets[0])]
+    print(f"{len(jobs)} run(s), {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
+
+    def one(job):
+        row = _run_one(args, meta, root, *job, log=bar.write)
+        bar.update(1)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(one, jobs))
+    bar.close()
+    wall = time.perf_counter() - t0
+    csv_path = os.path.join(args.out, "runs.csv")
+    for path in [csv_path] + ([args.csv] if args.csv else []):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+    summary = summarize(rows)
+    md = markdown(summary, args, meta, wall)
+    with open(os.path.join(args.out, "summary.md"), "w") as fh:
+        fh.write(md + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as fh:
+        json.dump({"summary": summary, "wall_s": wall, "args": {k: v for k, v in vars(args).items()}}, fh, indent=1)
+    for path in [os.path.join(args.out, "ssl.png")] + ([args.plot] if args.plot else []):
+        plot(summary, path)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

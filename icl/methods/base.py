@@ -1,0 +1,100 @@
+"""The contract between the trainer and a method."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def supervised_loss(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """CE + Dice (the published supervised term)."""
+    from ..losses import dice_loss
+
+    logits = logits.float()
+    onehot = F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
+    return F.cross_entropy(logits, labels.long()) + dice_loss(torch.softmax(logits, dim=1), onehot)
+
+
+class Method:
+    """One semi-supervised (or supervised) training method.
+
+    The trainer calls, in order: ``build_net`` once (the module the optimiser
+    trains and the checkpoint's ``model``), ``backbone(net)`` (what is
+    evaluated and exported), then per iteration ``forward`` (inside the
+    DDP-wrapped step module, so everything that needs gradients runs there),
+    ``losses`` and, after the optimiser step, ``after_step``. ``state_dict`` /
+    ``load_state_dict`` carry extra state (an EMA teacher) through checkpoints.
+
+    ``default_weights`` lists the loss weights a user may override with
+    ``loss_weights`` in the config (other keys are refused).
+    """
+
+    name = ""
+    uses_unlabeled = True
+    default_weights: Dict[str, float] = {}
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.num_classes = int(cfg.num_classes)
+        self.weights = dict(self.default_weights)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ValueError naming the option when ``cfg`` does not suit the method."""
+        if cfg.loss_weights:
+            bad = sorted(set(cfg.loss_weights) - set(cls.default_weights))
+            if bad:
+                raise ValueError(f"loss_weights: unknown term(s) {bad} for --method {cls.name}; "
+                                 f"expected some of {sorted(cls.default_weights)}")
+        if cls.uses_unlabeled and cfg.labeled_bs >= cfg.batch_size:
+            raise ValueError(f"--labeled-bs {cfg.labeled_bs} leaves no unlabeled slot in --batch-size "
+                             f"{cfg.batch_size} (--method {cls.name} trains on unlabeled images too)")
+
+    def set_weights(self, overrides: Optional[Dict[str, float]]) -> None:
+        if overrides:
+            self.weights.update({k: float(v) for k, v in overrides.items()})
+
+    # -- model -------------------------------------------------------------
+    def build_net(self, backend: Optional[str]) -> nn.Module:
+        from ..models import UNet2D, UNet3D
+
+        cfg = self.cfg
+        cls = UNet2D if len(cfg.patch_size) == 2 else UNet3D
+        return cls(cfg.in_channels, cfg.num_classes)
+
+    def backbone(self, net: nn.Module) -> nn.Module:
+        return net
+
+    def to(self, device) -> None:
+        """Move method-owned modules (a teacher) to ``device``."""
+
+    # -- one step ----------------------------------------------------------
+    def forward(self, net: nn.Module, x_lab: Tensor, x_unlab: Optional[Tensor], y_lab: Tensor, iteration: int):
+        raise NotImplementedError
+
+    def losses(self, out, y_lab: Tensor, iteration: int) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, net: nn.Module, iteration: int) -> None:
+        """Called after each optimiser step with the number of steps done."""
+
+    def log_scalars(self) -> Dict[str, float]:
+        """Extra numbers for log.csv (e.g. the share of pixels that pass a threshold)."""
+        return {}
+
+    # -- checkpoint ----------------------------------------------------------
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state:
+            raise ValueError(f"--method {self.name}: unexpected method state in the checkpoint ({sorted(state)})")
+
+
+def ramp(iteration: int, length: float) -> float:
+    """The sigmoid ramp-up exp(-5 (1 - t)^2), t = clip(iteration / length, 0, 1); 1 when length <= 0."""
+    from ..losses import consistency_rampup
+
+    return consistency_rampup(iteration, length)

@@ -1,0 +1,42 @@
+"""FixMatch-style weak-to-strong pseudo-labelling (Sohn et al. 2020; as used for
+segmentation by UniMatch, Yang et al. 2023, without its feature-perturbation
+stream): hard pseudo-labels from the weak view (the data pipeline's own
+augmentation) where the softmax confidence reaches ``threshold``, cross-entropy
+of the prediction on the strong view (:func:`~icl.methods.views.strong_view`:
+random intensity curve, gamma/contrast/noise, cutout) against them. Pixels
+under a cutout box or below the threshold count as zero in the mean."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, supervised_loss
+from .views import strong_view
+
+
+class FixMatch(Method):
+    name = "fixmatch"
+    default_weights = {"supervised": 1.0, "pseudo": 1.0}
+    threshold = 0.95
+
+    def forward(self, net, x_lab, x_unlab, y_lab, iteration):
+        L = x_lab.shape[0]
+        with torch.no_grad():
+            weak = net(x_unlab, return_features=False)
+        strong, keep = strong_view(x_unlab)
+        logits = net(torch.cat([x_lab, strong]), return_features=False)
+        return logits[:L], logits[L:], weak, keep
+
+    def losses(self, out, y_lab, iteration):
+        logits_lab, logits_strong, weak, keep = out
+        sup = supervised_loss(logits_lab, y_lab, self.num_classes)
+        conf, pseudo = F.softmax(weak.float(), 1).max(1)
+        mask = (conf >= self.threshold) & keep
+        ce = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
+        unsup = (ce * mask).sum() / mask.numel()
+        self._mask = float(mask.float().mean())
+        total = self.weights["supervised"] * sup + self.weights["pseudo"] * unsup
+        return {"total": total, "supervised": sup, "pseudo": unsup}
+
+    def log_scalars(self):
+        return {"mask_ratio": getattr(self, "_mask", 0.0)}
