@@ -42,6 +42,8 @@ METHODS: Dict[str, tuple] = {
     "fixmatch": ("FixMatch", ["--method", "fixmatch"], "budget"),
     "icl": ("ICL (published formulation)", ["--method", "icl"], "budget"),
     "icl-ws": ("ICL, weak-strong views", ["--method", "icl", "--icl-views", "weak-strong"], "budget"),
+    "icl-ws-all": ("ICL, weak-strong views incl. the backbone",
+                   ["--method", "icl", "--icl-views", "weak-strong-all"], "budget"),
     "icl-ws-memory": ("ICL, weak-strong views, prototype memory",
                       ["--method", "icl", "--icl-views", "weak-strong", "--global-queries", "memory"], "budget"),
     "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
@@ -82,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", default="2", help="labeled slices, comma-separated (default 2)")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8, help="per step; half of it labeled (default 8)")
+    p.add_argument("--size", type=int, default=48, help="slice size in pixels, a multiple of 16 (default 48)")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per run (default 1)")
@@ -106,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("seeds", "iterations", "batch_size", "jobs", "threads", "val_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.size % 16:
+        p.error(f"--size must be a multiple of 16, got {args.size}")
     if args.batch_size < 2:
         p.error("--batch-size must be >= 2 (half labeled, half unlabeled)")
     if args.quick:
@@ -121,7 +126,7 @@ def population_spec(args):
         return PopulationSpec(size=32, labeled_slices=max(args.budgets), train_slices=max(4, max(args.budgets)),
                               unlabeled_subjects=4, val_subjects=2, test_subjects=3, eval_slices=4,
                               seed=args.population_seed)
-    return PopulationSpec(labeled_slices=min(max(args.budgets), 8), seed=args.population_seed)
+    return PopulationSpec(size=args.size, labeled_slices=min(max(args.budgets), 8), seed=args.population_seed)
 
 
 def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, log) -> Dict:

@@ -49,8 +49,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=S)
     g = p.add_argument_group("model and method")
     g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch"], default=S)
-    g.add_argument("--icl-views", choices=["one", "weak-strong"], default=S,
-                   help="icl: one view of the unlabeled batch (published) or weak targets / strong USCL input")
+    g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all"], default=S,
+                   help="icl: one view of the unlabeled batch (published), weak targets for USCL on a strong "
+                        "view, or also for the backbone's strong-view prediction")
     g.add_argument("--mixer", choices=["conv", "mlp"], default=S)
     g.add_argument("--global-queries", choices=["memory", "batch"], default=S)
     g.add_argument("--faithful", action="store_true", default=S, help="published head quirks (for equivalence)")
@@ -83,13 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="icl", description="Semi-supervised segmentation with Inherent Consistent Learning")
     sub = p.add_subparsers(dest="command", metavar="{demo,train,evaluate,predict,export,synthetic}")
     sub.required = True
-    d = sub.add_parser("demo", help="ICL vs supervised-only on real MRI (offline, about 5 min on 2 CPU cores)")
+    d = sub.add_parser("demo", help="ICL vs supervised-only and a semi-supervised peer on a synthetic brain "
+                                    "population (offline, about 10 min on 2 CPU cores)")
     d.add_argument("--out", default="icl-demo", help="output folder (default ./icl-demo)")
-    d.add_argument("--quick", action="store_true", help="a short smoke run (a few minutes)")
+    d.add_argument("--quick", action="store_true", help="a short smoke run (a minute or two)")
     d.add_argument("--full", action="store_true", help="also train the fully supervised upper bound")
     d.add_argument("--seeds", type=int, help="repeat every run with this many seeds (default 1)")
-    d.add_argument("--data-dir", help="reuse (or build) the demo data set here instead of OUT/data")
-    d.add_argument("--labeled-fraction", type=float, help="fraction of the training slices that are labeled")
+    d.add_argument("--data-dir", help="reuse (or build) the population here instead of OUT/data")
+    d.add_argument("--labeled-slices", type=int, help="labeled slices of the labeled subject (default 2)")
+    d.add_argument("--peer", help="the semi-supervised peer: mean-teacher, fixmatch or none (default fixmatch)")
     d.add_argument("--iterations", type=int, help="iterations per run")
     d.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "torch"])
@@ -388,8 +391,8 @@ def cmd_demo(args) -> int:
 
     try:
         run_demo(out=args.out, quick=args.quick, full=args.full, seeds=args.seeds, data_dir=args.data_dir,
-                 labeled_fraction=args.labeled_fraction, iterations=args.iterations, device=args.device,
-                 backend=args.backend, progress=args.progress)
+                 labeled_slices=args.labeled_slices, peer=args.peer, iterations=args.iterations,
+                 device=args.device, backend=args.backend, progress=args.progress)
     except MissingDemoDependency as exc:
         print(f"icl demo: {exc}", file=sys.stderr)
         return EXIT_USAGE

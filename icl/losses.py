@@ -147,9 +147,11 @@ def icl_losses(
 
     target = F.softmax(outputs.logits_unlab.detach().float(), dim=1)
     usize = outputs.logits_unlab.shape[2:]
-    pseudo = sum(
-        soft_dice_loss(F.softmax(_upsample(m, usize), dim=1), target) for m in outputs.maps_unlab
-    ) / len(outputs.maps_unlab)
+    pseudo_maps = [F.softmax(_upsample(m, usize), dim=1) for m in outputs.maps_unlab]
+    strong = getattr(outputs, "logits_unlab_strong", None)
+    if strong is not None:  # weak-to-strong training: the backbone's strong-view prediction is one more level
+        pseudo_maps.append(F.softmax(strong.float(), dim=1))
+    pseudo = sum(soft_dice_loss(p, target) for p in pseudo_maps) / len(pseudo_maps)
 
     if len(outputs.maps_unlab) != len(outputs.maps_unlab_sspa):
         raise ValueError("icl_losses: maps_unlab and maps_unlab_sspa have different numbers of levels")

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,47 +23,38 @@ def demo_out(tmp_path_factory):
 
 def test_quick_demo_writes_report_with_numbers(demo_out):
     out, stdout = demo_out
-    for rel in ("metrics.json", "report.md", "figures/curves.png", "figures/overlay_corrupted.png",
-                "figures/overlay_clean.png", "data/meta.json"):
+    for rel in ("metrics.json", "report.md", "figures/curves.png", "figures/overlay.png", "data/meta.json"):
         assert (out / rel).is_file(), rel
     m = json.loads((out / "metrics.json").read_text())
-    for method in ("threshold", "supervised", "icl"):
-        for split in ("test", "test_corrupted"):
-            scores = m["summary"][method][split]
-            assert 0.0 <= scores["dice_mean"] <= 1.0
-            assert math.isfinite(scores["hd95_mean"])
+    for method in ("supervised", "fixmatch", "icl"):
+        scores = m["summary"][method]["test"]
+        assert 0.0 <= scores["dice_mean"] <= 1.0
+        assert math.isfinite(scores["hd95_mean"])
+        assert "dice_t1" in scores or "dice_other" in scores
     for run in m["runs"]:
         assert run["iterations"] == m["settings"]["iterations"] and run["it_per_s"] > 0
     report = (out / "report.md").read_text()
-    assert "ICL" in report and "supervised only" in report and "two-threshold rule" in report
-    assert "figures/overlay_corrupted.png" in report
-    icl_dice = m["summary"]["icl"]["test_corrupted"]["dice_mean"]
+    assert "ICL" in report and "supervised only" in report and "FixMatch" in report
+    assert "figures/overlay.png" in report
+    icl_dice = m["summary"]["icl"]["test"]["dice_mean"]
     assert f"{icl_dice:.4f}" in report  # the table shows the measured number
-    assert "report:" in stdout and "corrupted test slices" in stdout
+    assert "report:" in stdout and "test subjects" in stdout
 
 
-def test_demo_data_is_leak_free_and_reused(demo_out, tmp_path):
+def test_demo_population_is_reused_and_splits_are_disjoint(demo_out):
     out, _ = demo_out
     meta = json.loads((out / "data" / "meta.json").read_text())
-    slabs = meta["slabs"]
-    seen = {}
-    for s in slabs:
-        for z in s["z"]:
-            assert z not in seen, "a slice belongs to two slabs"
-            seen[z] = s["split"]
-    # neighbouring slabs are separated by a gap: no slice of one split touches another split's slice
-    for a, b in zip(slabs, slabs[1:]):
-        assert min(b["z"]) - max(a["z"]) > meta["params"]["gap"]
-    assert meta["counts"]["test"] == meta["counts"]["test_corrupted"] >= 1
-    from icl.demo import brain
+    lists = {k: (out / "data" / f"{k}.list").read_text().split() for k in ("train", "val", "test")}
+    assert not (set(lists["train"]) & set(lists["val"])) and not (set(lists["train"]) & set(lists["test"]))
+    assert not (set(lists["val"]) & set(lists["test"]))
+    assert set(meta["test_contrast"]) == set(lists["test"])
+    from icl.demo import population
 
     logs = []
-    brain.build(str(out / "data"), log=logs.append)
+    spec = population.PopulationSpec(**{k: (tuple(v) if k == "noise" else v)
+                                        for k, v in meta["params"].items() if k != "version"})
+    population.build_population(str(out / "data"), spec, log=logs.append)
     assert logs and "reusing" in logs[0]
-    clean = brain.load_split(str(out / "data"), "test")
-    bad = brain.load_split(str(out / "data"), "test_corrupted")
-    for (_, img, lab), (_, img_bad, lab_bad) in zip(clean, bad):
-        assert np.array_equal(lab, lab_bad) and not np.allclose(img, img_bad)
 
 
 def test_demo_missing_dependency_is_one_line(monkeypatch, tmp_path, capsys):
@@ -86,3 +76,7 @@ def test_demo_bad_arguments(tmp_path, capsys):
 
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--peer", "bogus"]) == 2
+    assert "--peer" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--labeled-slices", "0"]) == 2
+    assert "--labeled-slices" in capsys.readouterr().err

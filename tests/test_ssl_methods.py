@@ -37,6 +37,7 @@ def _log(out):
 
 @pytest.mark.parametrize("method,extra", [
     ("supervised", {}), ("mean-teacher", {}), ("fixmatch", {}), ("icl", {}), ("icl", {"icl_views": "weak-strong"}),
+    ("icl", {"icl_views": "weak-strong-all"}),
 ])
 def test_each_method_learns(acdc, tmp_path, method, extra):
     out = tmp_path / "run"

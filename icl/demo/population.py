@@ -51,7 +51,7 @@ T1_LEVELS = (0.25, 0.55, 0.85)  # CSF/other, GM, WM: the labeled subject's contr
 class PopulationSpec:
     """What to generate. Defaults: the benchmark task of ``python -m benches.ssl``."""
 
-    size: int = 64                 # output slices are size x size pixels
+    size: int = 48                 # output slices are size x size pixels (about 3.3 mm)
     labeled_slices: int = 2        # labeled slices of the labeled subject (listed first)
     train_slices: int = 8          # slices per training subject
     unlabeled_subjects: int = 40   # training subjects besides the labeled one

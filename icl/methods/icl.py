@@ -8,7 +8,10 @@ the backbone's decoder maps, the four published loss terms
 - ``"weak-strong"``: the targets come from the weak view (the data pipeline's
   augmentation) without gradients, USCL reads the strong view
   (:func:`~icl.methods.views.strong_intensity`), so the unlabeled losses ask
-  for invariance to the perturbation.
+  for invariance to the perturbation;
+- ``"weak-strong-all"``: as ``"weak-strong"``, and the pseudo term also pulls
+  the backbone's own prediction on the strong view towards the weak view's
+  (the same soft Dice, averaged with the USCL levels as one more level).
 The consistency weight is multiplied by the sigmoid ramp-up of
 ``consistency_rampup`` iterations (0: none, as published)."""
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ..losses import LossWeights, icl_losses
 from .base import Method, ramp
 from .views import strong_intensity
 
-VIEWS = ("one", "weak-strong")
+VIEWS = ("one", "weak-strong", "weak-strong-all")
 
 
 class ICLMethod(Method):
@@ -47,11 +50,13 @@ class ICLMethod(Method):
         return net.backbone
 
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
-        strong = strong_intensity(x_unlab) if self.cfg.icl_views == "weak-strong" else None
+        strong = strong_intensity(x_unlab) if self.cfg.icl_views != "one" else None
         return net.forward_train(x_lab, x_unlab, y_lab, x_unlab_strong=strong)
 
     def losses(self, out, y_lab, iteration):
         self._scale = ramp(iteration, self.cfg.consistency_rampup)
+        if self.cfg.icl_views != "weak-strong-all":
+            out.logits_unlab_strong = None
         return icl_losses(out, y_lab, self.num_classes, LossWeights(**self.weights), consistency_scale=self._scale)
 
     def log_scalars(self):

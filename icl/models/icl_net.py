@@ -35,6 +35,7 @@ class ICLOutputs:
     maps_unlab: List[Tensor]
     maps_unlab_sspa: List[Tensor]
     queries_lab: Optional[List[Tensor]] = None
+    logits_unlab_strong: Optional[Tensor] = None  # the backbone on the strong view (weak-strong training only)
 
 
 def class_presence(labels: Tensor, num_classes: int) -> Tensor:
@@ -168,8 +169,10 @@ class ICLNet(nn.Module):
             with torch.no_grad():
                 logits_unlab, feats_weak = self.backbone(x_unlab, return_features=True)
                 maps_unlab_sspa, _ = self.sspa(feats_weak)
-            _, feats_strong = self.backbone(x_unlab_strong, return_features=True)
+            logits_strong, feats_strong = self.backbone(x_unlab_strong, return_features=True)
             maps_unlab, _ = self.uscl(feats_strong, queries)
+            return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab,
+                              logits_unlab_strong=logits_strong)
         return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab)
 
     def backbone_state_dict(self) -> "Dict[str, Tensor]":
