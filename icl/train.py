@@ -50,12 +50,9 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt_mod
 from .data import (DATASETS, IntensityAugment, TrainAugment, TrainDataset, TwoStreamBatchSampler,
                    build_source, make_splits)
+from .errors import ConfigError  # noqa: F401  (re-exported: icl.train.ConfigError)
 from .evaluate import evaluate_cases, json_ready, write_results
 from .inference import autocast
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -115,6 +112,7 @@ class TrainConfig:
     save_every: int = 1000
     out: Optional[str] = None
     resume: Optional[str] = None
+    overwrite: bool = False
     overlap: float = 0.5
     eval_batch_size: int = 8
     num_overlays: int = 3
@@ -132,7 +130,9 @@ class TrainConfig:
         unknown = sorted(k for k in norm if k not in names)
         if unknown:
             raise ConfigError(f"{origin}: unknown option(s) {unknown}")
-        return cls(**norm)
+        from .validate import check_types
+
+        return cls(**check_types(cls, norm, origin))
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -197,6 +197,9 @@ class TrainConfig:
             bad = sorted(set(self.loss_weights) - allowed)
             if bad:
                 raise ConfigError(f"loss_weights: unknown term(s) {bad}; expected {sorted(allowed)}")
+        from .validate import check_options
+
+        check_options(self)
         return self
 
     def model_config(self) -> Dict:
@@ -336,8 +339,23 @@ class _SignalGuard:
 
 
 def _worker_init(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C to the main process, which checkpoints before stopping."""
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which checkpoints before stopping.
+
+    ``timeout``, SLURM and systemd signal the whole process group: a worker that died
+    of it would take the run down before the main process could save. The main
+    process still ends its workers (they exit when it closes the loader or dies);
+    a second SIGTERM ends a worker at once.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen = []
+
+    def on_term(signum, frame):
+        if seen:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        seen.append(signum)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -375,8 +393,16 @@ def train(config, hooks: Sequence[Callable] = ()) -> TrainResult:
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.resolve()
     dist = _Dist()
+    trainer = None
     try:
-        return _Trainer(cfg, dist, hooks).run()
+        trainer = _Trainer(cfg, dist, hooks)
+        return trainer.run()
+    except Exception as exc:
+        if getattr(trainer, "out_ready", False) and dist.main and not isinstance(exc, TrainingInterrupted):
+            from .rundir import log_failure
+
+            exc.icl_log = log_failure(cfg.out, exc)  # the CLI points there instead of printing a traceback
+        raise
     finally:
         dist.close()
 
@@ -410,6 +436,9 @@ class _Trainer:
             self.dist.barrier()
         self.splits = make_splits(self.source, cfg.spatial_dims, cfg.labeled_num, cfg.labeled_fraction,
                                   seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+        from .validate import check_against_data
+
+        check_against_data(cfg, self.source, self.splits)
         if hasattr(self.source, "prepare"):  # evaluation cases too (NIfTI: no re-reading per validation)
             if self.dist.main:
                 self.source.prepare(list(self.splits.val) + list(self.splits.test), progress=cfg.progress,
@@ -658,7 +687,10 @@ class _Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        os.makedirs(self.out, exist_ok=True)
+        from . import rundir
+
+        rundir.check_run_dir(self.out, cfg.resume, cfg.overwrite)  # every rank, before rank 0 writes
+        self.dist.barrier()
         self.versions = versions()
         self.iteration, self.best, self.val_history, self._test = 0, None, [], None
         self._bar = None
@@ -672,6 +704,9 @@ class _Trainer:
         seed_everything(cfg.seed, self.dist.rank)
         if ck is not None:
             self._resume(ck)
+        if self.dist.main:  # every check passed: now the old run may go
+            rundir.prepare_run_dir(self.out, cfg.overwrite)
+        self.out_ready = True
         if self.dist.main:
             import yaml
 
