@@ -236,14 +236,12 @@ def cmd_evaluate(args) -> int:
     from . import checkpoint as C
     from .data import build_source
     from .evaluate import evaluate_cases, json_ready, write_results
-    from .train import ConfigError
-
     from .rundir import ensure_dir
+    from .train import ConfigError
     from .validate import resolve_device
 
     device = resolve_device(args.device)
     _check_run_options(args)
-    ensure_dir(args.out)
     ck = C.load(args.checkpoint)
     mc, dc = ck["model_config"], ck.get("data_config", {})
     if args.spacing is not None and len(args.spacing) != 3:
@@ -252,6 +250,7 @@ def cmd_evaluate(args) -> int:
     if not dataset:
         raise ConfigError("--dataset is required (the checkpoint does not name one)")
     net = C.backbone_from_checkpoint(ck, num_classes=args.num_classes)
+    ensure_dir(args.out)
     prep = dc.get("preprocessing") or {}
     opts = {"slice_axis": prep.get("slice_axis"), "spacing": args.spacing or dc.get("spacing")}
     if prep.get("layout") == "nifti":
@@ -355,11 +354,11 @@ def cmd_predict(args) -> int:
     if clash:  # predictions take the input's name: they would replace the inputs
         raise ConfigError(f"--out {args.out}: holds the input {clash[0]}, which its prediction would replace; "
                           f"choose another --out")
-    ensure_dir(args.out)
     ck = C.load(args.checkpoint)
     mc = ck["model_config"]
     prep = (ck.get("data_config") or {}).get("preprocessing") or {}
     net = C.backbone_from_checkpoint(ck)
+    ensure_dir(args.out)
     net.to(device)
     in_ch = int(mc["in_channels"])
     slice_axis = args.slice_axis if args.slice_axis is not None else prep.get("slice_axis", 0)
@@ -369,9 +368,10 @@ def cmd_predict(args) -> int:
     dtype = np.uint8 if K <= 255 else np.int16
     written = []
     nifti_prep = prep if prep.get("layout") == "nifti" else {"normalization": None}
+    h5_info = {f: h5_image_info(f) for f in h5s}  # every input readable before the first prediction is written
     bar = tqdm(total=len(h5s) + len(niis), desc="predict", disable=not args.progress)
     for f in h5s:
-        nd, attrs = h5_image_info(f)
+        nd, attrs = h5_info[f]
         vol_dims = 2 if nd is not None and ((in_ch == 1 and nd == 2) or (in_ch > 1 and nd == 3)) else 3
         image, _ = read_h5(f, vol_dims, None, need_label=False)
         pred = predict(net, image, patch_size=mc["patch_size"], slice_axis=slice_axis, overlap=args.overlap,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -338,24 +339,30 @@ class _SignalGuard:
         return False
 
 
-def _worker_init(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C and SIGTERM to the main process, which checkpoints before stopping.
+def _worker_init(worker_id: int, main_pid: Optional[int] = None) -> None:
+    """Loader workers leave Ctrl-C and outside SIGTERMs to the main process, which checkpoints before stopping.
 
-    ``timeout``, SLURM and systemd signal the whole process group: a worker that died
-    of it would take the run down before the main process could save. The main
-    process still ends its workers (they exit when it closes the loader or dies);
-    a second SIGTERM ends a worker at once.
+    ``timeout``, SLURM and systemd signal the whole process group (or cgroup): a worker
+    that died of it would take the run down before the main process could save. So a
+    worker blocks SIGTERM and a thread reads each one with its sender: from the main
+    process (which ends its workers this way) the worker exits at once, as PyTorch's
+    own handler does; from anyone else it is ignored, and the main process ends the
+    worker when it stops (a worker whose main process died exits by itself).
     """
+    import threading
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    seen = []
+    parent = os.getppid()  # the main process under fork; a forkserver under other start methods
+    owners = {parent, main_pid or parent}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
 
-    def on_term(signum, frame):
-        if seen:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        seen.append(signum)
+    def wait_for_term():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid in owners or os.getppid() != parent:
+                os._exit(0)
 
-    signal.signal(signal.SIGTERM, on_term)
+    threading.Thread(target=wait_for_term, name="icl-sigterm", daemon=True).start()
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -720,6 +727,8 @@ class _Trainer:
                 self._loop()
             if self.dist.main and cfg.test and self.splits.test:
                 self._final_test()
+            else:
+                self._write_metrics()  # the final iteration, also without a test or validation
             self.dist.barrier()
         finally:
             if self.dist.main:
@@ -739,7 +748,8 @@ class _Trainer:
         gen.manual_seed(cfg.seed)
         loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
                                              pin_memory=self.device.type == "cuda", generator=gen,
-                                             worker_init_fn=_worker_init if cfg.num_workers else None)
+                                             worker_init_fn=functools.partial(_worker_init, main_pid=os.getpid())
+                                             if cfg.num_workers else None)
         from tqdm import tqdm
 
         self.net.train()
