@@ -25,13 +25,15 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 FORMAT = "icl-checkpoint"
 VERSION = 1
 META_KEY = "__icl__"
 MODEL_KEYS = ("arch", "in_channels", "num_classes", "patch_size", "mixer", "global_queries", "faithful", "method")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint is missing, unreadable, or does not fit the model/run; the message says what differs."""
 
 
@@ -115,7 +117,17 @@ def load_state(module: torch.nn.Module, state: Dict, what: str = "checkpoint") -
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
         raise CheckpointError(f"{what}: does not fit the model: " + "; ".join(parts))
+    check_finite_state(state, what)
     module.load_state_dict(state, strict=True)
+
+
+def check_finite_state(state: Dict, what: str = "checkpoint") -> None:
+    """Refuse weights holding NaN/Inf: such a network predicts one class everywhere without a word."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all()):
+            bad = int(v.numel() - torch.isfinite(v).sum())
+            raise CheckpointError(f"{what}: tensor {k!r} holds {bad} NaN/Inf value(s); the checkpoint is damaged "
+                                  f"or its run diverged")
 
 
 def backbone_state(ckpt: Dict) -> Dict[str, torch.Tensor]:

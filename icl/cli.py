@@ -1,8 +1,11 @@
 """Command line: ``icl train | evaluate | predict | export | synthetic`` (also ``python -m icl``).
 
-Mistakes on the command line (a missing root, a labeled count outside the
-ACDC table, a patch size the network cannot take, an unknown data set, a
-checkpoint that does not fit) print one line on stderr and exit with code 2.
+Mistakes (an option, a data file, a checkpoint, an output place: any
+:class:`icl.errors.UsageError`) print one line on stderr and exit with code 2;
+other failures print one line and exit with code 1, the traceback only with
+``--debug`` (training runs also append it to ``OUT/error.log``). SIGINT/SIGTERM
+during training exit with 130/143 after writing ``last.pt``. Warnings are one
+line each.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-EXIT_USAGE = 2
+from .errors import EXIT_FAILURE, EXIT_USAGE
+
 EXIT_INTERRUPTED = 130
 
 
@@ -75,6 +79,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, metavar="N", default=S)
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT", default=S,
                    help="continue from OUT/checkpoints/last.pt (or CKPT)")
+    g.add_argument("--overwrite", action="store_true", default=S,
+                   help="replace the run already in OUT (its checkpoints, logs and results are deleted)")
     g.add_argument("--overlap", type=float, default=S, help="3D sliding-window overlap")
     g.add_argument("--no-test", dest="test", action="store_false", default=S, help="skip the final test evaluation")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
@@ -82,10 +88,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="icl", description="Semi-supervised segmentation with Inherent Consistent Learning")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the full traceback of an error")
+    p.add_argument("--debug", action="store_true", default=False, help="print the full traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="{demo,train,evaluate,predict,export,synthetic}")
     sub.required = True
-    d = sub.add_parser("demo", help="ICL vs supervised-only and a semi-supervised peer on a synthetic brain "
-                                    "population (offline, about 10 min on 2 CPU cores)")
+    d = sub.add_parser("demo", parents=[common],
+                       help="ICL vs supervised-only and a semi-supervised peer on a synthetic brain "
+                            "population (offline, about 10 min on 2 CPU cores)")
     d.add_argument("--out", default="icl-demo", help="output folder (default ./icl-demo)")
     d.add_argument("--quick", action="store_true", help="a short smoke run (a minute or two)")
     d.add_argument("--full", action="store_true", help="also train the fully supervised upper bound")
@@ -98,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "torch"])
     d.add_argument("--no-progress", dest="progress", action="store_false")
 
-    t = sub.add_parser("train", help="train a model (ICL or the supervised baseline)")
+    t = sub.add_parser("train", parents=[common], help="train a model (ICL or the supervised baseline)")
     _add_train_args(t)
 
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint on a split")
+    e = sub.add_parser("evaluate", parents=[common], help="evaluate a checkpoint on a split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--dataset", help="default: the checkpoint's")
     e.add_argument("--root", required=True)
@@ -115,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--spacing", type=float, nargs="+")
     e.add_argument("--no-progress", dest="progress", action="store_false")
 
-    r = sub.add_parser("predict", help="segment h5 or NIfTI files")
+    r = sub.add_parser("predict", parents=[common], help="segment h5 or NIfTI files")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("inputs", nargs="+", metavar="INPUT", help=".h5, .nii, .nii.gz files or folders of them")
     r.add_argument("--out", required=True)
@@ -126,11 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     r.add_argument("--no-progress", dest="progress", action="store_false")
 
-    x = sub.add_parser("export", help="write a backbone-only checkpoint (plain UNet state dict)")
+    x = sub.add_parser("export", parents=[common], help="write a backbone-only checkpoint (plain UNet state dict)")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
 
-    s = sub.add_parser("synthetic", help="write a tiny synthetic data set")
+    s = sub.add_parser("synthetic", parents=[common], help="write a tiny synthetic data set")
     s.add_argument("--out", required=True)
     s.add_argument("--layout", default="acdc", choices=["acdc", "la", "brats", "nifti"])
     s.add_argument("--num-train", type=int, default=8)
@@ -162,6 +173,8 @@ def _train_config(args: argparse.Namespace):
                 base = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config {path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
         if not isinstance(base, dict):
             raise ConfigError(f"--config {path}: expected a mapping of option: value")
         base = {str(k).replace("-", "_"): v for k, v in base.items()}
@@ -228,14 +241,21 @@ def cmd_evaluate(args) -> int:
     from . import checkpoint as C
     from .data import build_source
     from .evaluate import evaluate_cases, json_ready, write_results
+    from .rundir import ensure_dir
     from .train import ConfigError
+    from .validate import resolve_device
 
+    device = resolve_device(args.device)
+    _check_run_options(args)
     ck = C.load(args.checkpoint)
     mc, dc = ck["model_config"], ck.get("data_config", {})
+    if args.spacing is not None and len(args.spacing) != 3:
+        raise ConfigError(f"--spacing {' '.join(map(str, args.spacing))}: give 3 values (one per axis of the volumes)")
     dataset = args.dataset or dc.get("dataset")
     if not dataset:
         raise ConfigError("--dataset is required (the checkpoint does not name one)")
     net = C.backbone_from_checkpoint(ck, num_classes=args.num_classes)
+    ensure_dir(args.out)
     prep = dc.get("preprocessing") or {}
     opts = {"slice_axis": prep.get("slice_axis"), "spacing": args.spacing or dc.get("spacing")}
     if prep.get("layout") == "nifti":
@@ -243,7 +263,6 @@ def cmd_evaluate(args) -> int:
                     ct_window=prep.get("ct_window"))
     source = build_source(dataset, args.root, int(mc["num_classes"]), **opts)
     names = _splits_for(ck, source, args.split)
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)
     res = evaluate_cases(net, source, names, int(mc["num_classes"]), mc["patch_size"], overlap=args.overlap,
                          batch_size=args.batch_size, device=device, amp=args.amp, progress=args.progress,
@@ -253,6 +272,18 @@ def cmd_evaluate(args) -> int:
     _say(f"{args.split}: {len(names)} cases, Dice {_f(m.get('dice'))}, Jaccard {_f(m.get('jaccard'))}, "
          f"HD95 {_f(m.get('hd95'))}, ASD {_f(m.get('asd'))}; wrote {paths['csv']} and {paths['json']}")
     return 0
+
+
+def _check_run_options(args) -> None:
+    """Ranges of the inference options shared by evaluate and predict."""
+    from .errors import ConfigError
+
+    if not 0.0 <= args.overlap < 1.0:
+        raise ConfigError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if getattr(args, "slice_axis", None) is not None and args.slice_axis not in (0, 1, 2):
+        raise ConfigError(f"--slice-axis {args.slice_axis}: expected 0, 1 or 2 (an axis of the volumes)")
 
 
 def _collect_inputs(inputs: Sequence[str]):
@@ -313,32 +344,39 @@ def cmd_predict(args) -> int:
 
     from . import checkpoint as C
     from .data import load_nifti_case, read_h5, write_h5, write_nifti
+    from .data.io import h5_image_info
+    from .errors import ConfigError
     from .evaluate import restore_geometry
     from .inference import predict
+    from .rundir import ensure_dir
+    from .validate import resolve_device
 
+    device = resolve_device(args.device)
+    _check_run_options(args)
+    files = _collect_inputs(args.inputs)
+    out_real = os.path.realpath(args.out)
+    clash = [f for f in files if os.path.realpath(os.path.dirname(os.path.abspath(f))) == out_real]
+    if clash:  # predictions take the input's name: they would replace the inputs
+        raise ConfigError(f"--out {args.out}: holds the input {clash[0]}, which its prediction would replace; "
+                          f"choose another --out")
     ck = C.load(args.checkpoint)
     mc = ck["model_config"]
     prep = (ck.get("data_config") or {}).get("preprocessing") or {}
     net = C.backbone_from_checkpoint(ck)
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ensure_dir(args.out)
     net.to(device)
     in_ch = int(mc["in_channels"])
     slice_axis = args.slice_axis if args.slice_axis is not None else prep.get("slice_axis", 0)
-    files = _collect_inputs(args.inputs)
     h5s = [f for f in files if f.endswith(".h5")]
     niis = _nifti_groups([f for f in files if not f.endswith(".h5")], in_ch)
-    os.makedirs(args.out, exist_ok=True)
     K = int(mc["num_classes"])
     dtype = np.uint8 if K <= 255 else np.int16
     written = []
     nifti_prep = prep if prep.get("layout") == "nifti" else {"normalization": None}
+    h5_info = {f: h5_image_info(f) for f in h5s}  # every input readable before the first prediction is written
     bar = tqdm(total=len(h5s) + len(niis), desc="predict", disable=not args.progress)
     for f in h5s:
-        import h5py
-
-        with h5py.File(f, "r") as hf:
-            nd = hf["image"].ndim if "image" in hf else None
-            attrs = dict(hf.attrs)
+        nd, attrs = h5_info[f]
         vol_dims = 2 if nd is not None and ((in_ch == 1 and nd == 2) or (in_ch > 1 and nd == 3)) else 3
         image, _ = read_h5(f, vol_dims, None, need_label=False)
         pred = predict(net, image, patch_size=mc["patch_size"], slice_axis=slice_axis, overlap=args.overlap,
@@ -364,7 +402,9 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from . import checkpoint as C
+    from .rundir import ensure_file_parent
 
+    ensure_file_parent(args.out)
     ck = C.load(args.checkpoint)
     C.export_backbone(ck, args.out)
     mc = ck["model_config"]
@@ -375,7 +415,9 @@ def cmd_export(args) -> int:
 
 def cmd_synthetic(args) -> int:
     from .data import make_synthetic
+    from .rundir import ensure_dir
 
+    ensure_dir(args.out)
     info = make_synthetic(args.out, args.layout, num_train=args.num_train, num_val=args.num_val,
                           num_test=args.num_test, shape=args.shape, num_classes=args.num_classes,
                           in_channels=args.in_channels, seed=args.seed)
@@ -406,20 +448,37 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "pre
             "synthetic": cmd_synthetic}
 
 
+def _one_line_warnings(prog: str):
+    """warnings.showwarning that prints ``prog: warning: message`` (one line, no source line)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{prog}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+    return show
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data.io import DataError
+    import traceback
+    import warnings
+
+    from .errors import UsageError, one_line
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .train import ConfigError, TrainingInterrupted
+    debug = bool(getattr(args, "debug", False))
+    if hasattr(args, "debug"):
+        del args.debug  # not an option of the commands
+    from .train import TrainingInterrupted
 
     prog = f"icl {args.command}"
+    old_show = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _one_line_warnings(prog)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        msg = " ".join(str(exc).split())
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+    except UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -427,6 +486,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a fault, not a mistake: still one line; the traceback on request
+        if debug:
+            traceback.print_exc()
+            hint = ""
+        else:
+            log = getattr(exc, "icl_log", None)
+            hint = f" (traceback in {log}; --debug prints it)" if log else " (rerun with --debug for the traceback)"
+        print(f"{prog}: error: {type(exc).__name__}: {one_line(exc)}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        warnings.showwarning = old_show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,13 +49,10 @@ import torch
 from . import checkpoint as ckpt_mod
 from .data import (DATASETS, IntensityAugment, TrainAugment, TrainDataset, TwoStreamBatchSampler,
                    build_source, make_splits)
+from .errors import ConfigError  # noqa: F401  (re-exported: icl.train.ConfigError)
 from .evaluate import evaluate_cases, json_ready, write_results
 from .inference import autocast
 from .methods.base import supervised_loss  # noqa: F401  (re-exported: icl.train.supervised_loss)
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the option."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -115,6 +113,7 @@ class TrainConfig:
     save_every: int = 1000
     out: Optional[str] = None
     resume: Optional[str] = None
+    overwrite: bool = False
     overlap: float = 0.5
     eval_batch_size: int = 8
     num_overlays: int = 3
@@ -132,7 +131,9 @@ class TrainConfig:
         unknown = sorted(k for k in norm if k not in names)
         if unknown:
             raise ConfigError(f"{origin}: unknown option(s) {unknown}")
-        return cls(**norm)
+        from .validate import check_types
+
+        return cls(**check_types(cls, norm, origin))
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -194,6 +195,9 @@ class TrainConfig:
             IntensityAugment.from_config(self.intensity_aug)
         except ValueError as exc:
             raise ConfigError(f"--intensity-aug: {exc}") from exc
+        from .validate import check_options
+
+        check_options(self)
         return self
 
     def model_config(self) -> Dict:
@@ -321,9 +325,30 @@ class _SignalGuard:
         return False
 
 
-def _worker_init(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C to the main process, which checkpoints before stopping."""
+def _worker_init(worker_id: int, main_pid: Optional[int] = None) -> None:
+    """Loader workers leave Ctrl-C and outside SIGTERMs to the main process, which checkpoints before stopping.
+
+    ``timeout``, SLURM and systemd signal the whole process group (or cgroup): a worker
+    that died of it would take the run down before the main process could save. So a
+    worker blocks SIGTERM and a thread reads each one with its sender: from the main
+    process (which ends its workers this way) the worker exits at once, as PyTorch's
+    own handler does; from anyone else it is ignored, and the main process ends the
+    worker when it stops (a worker whose main process died exits by itself).
+    """
+    import threading
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()  # the main process under fork; a forkserver under other start methods
+    owners = {parent, main_pid or parent}
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait_for_term():
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid in owners or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait_for_term, name="icl-sigterm", daemon=True).start()
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -361,8 +386,16 @@ def train(config, hooks: Sequence[Callable] = ()) -> TrainResult:
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     cfg.resolve()
     dist = _Dist()
+    trainer = None
     try:
-        return _Trainer(cfg, dist, hooks).run()
+        trainer = _Trainer(cfg, dist, hooks)
+        return trainer.run()
+    except Exception as exc:
+        if getattr(trainer, "out_ready", False) and dist.main and not isinstance(exc, TrainingInterrupted):
+            from .rundir import log_failure
+
+            exc.icl_log = log_failure(cfg.out, exc)  # the CLI points there instead of printing a traceback
+        raise
     finally:
         dist.close()
 
@@ -396,6 +429,9 @@ class _Trainer:
             self.dist.barrier()
         self.splits = make_splits(self.source, cfg.spatial_dims, cfg.labeled_num, cfg.labeled_fraction,
                                   seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+        from .validate import check_against_data
+
+        check_against_data(cfg, self.source, self.splits)
         if hasattr(self.source, "prepare"):  # evaluation cases too (NIfTI: no re-reading per validation)
             if self.dist.main:
                 self.source.prepare(list(self.splits.val) + list(self.splits.test), progress=cfg.progress,
@@ -638,7 +674,10 @@ class _Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        os.makedirs(self.out, exist_ok=True)
+        from . import rundir
+
+        rundir.check_run_dir(self.out, cfg.resume, cfg.overwrite)  # every rank, before rank 0 writes
+        self.dist.barrier()
         self.versions = versions()
         self.iteration, self.best, self.val_history, self._test = 0, None, [], None
         self._bar = None
@@ -652,6 +691,9 @@ class _Trainer:
         seed_everything(cfg.seed, self.dist.rank)
         if ck is not None:
             self._resume(ck)
+        if self.dist.main:  # every check passed: now the old run may go
+            rundir.prepare_run_dir(self.out, cfg.overwrite)
+        self.out_ready = True
         if self.dist.main:
             import yaml
 
@@ -665,6 +707,8 @@ class _Trainer:
                 self._loop()
             if self.dist.main and cfg.test and self.splits.test:
                 self._final_test()
+            else:
+                self._write_metrics()  # the final iteration, also without a test or validation
             self.dist.barrier()
         finally:
             if self.dist.main:
@@ -684,7 +728,8 @@ class _Trainer:
         gen.manual_seed(cfg.seed)
         loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.num_workers,
                                              pin_memory=self.device.type == "cuda", generator=gen,
-                                             worker_init_fn=_worker_init if cfg.num_workers else None)
+                                             worker_init_fn=functools.partial(_worker_init, main_pid=os.getpid())
+                                             if cfg.num_workers else None)
         from tqdm import tqdm
 
         self.net.train()

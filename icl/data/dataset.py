@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .io import DataError
 from .sources import Item, Source
 
 
@@ -33,7 +34,13 @@ class TrainDataset(Dataset):
         else:
             idx, skey = int(key), int(key)
         item = self.items[idx]
-        image, label = self.source.load_item(item)
+        try:
+            image, label = self.source.load_item(item)
+        except DataError:
+            raise
+        except Exception as exc:  # name the file: in a loader worker the traceback would not reach the user
+            where = item.path if item.index is None else f"{item.path} slice {item.index}"
+            raise DataError(f"{where}: cannot read this training item ({type(exc).__name__}: {exc})") from exc
         labeled = label is not None
         if label is None:
             label = np.zeros(image.shape[1:], dtype=np.int64)

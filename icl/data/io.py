@@ -11,8 +11,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import UsageError
 
-class DataError(ValueError):
+
+class DataError(UsageError):
     """A data file or list is missing, unreadable or holds unexpected content."""
 
 
@@ -40,17 +42,40 @@ def read_list(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: list file not found")
     names = []
-    with open(path, "r") as f:
-        for line in f:
-            name = line.strip().split(",")[0].strip()
-            for ext in (".nii.gz", ".nii", ".h5"):  # lists that name files (e.g. AMOS) -> case names
-                if name.endswith(ext):
-                    name = name[: -len(ext)]
-            if name:
-                names.append(name)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text file (expected one case name per line)") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read list file ({exc.strerror or exc})") from None
+    for line in lines:
+        name = line.strip().split(",")[0].strip()
+        for ext in (".nii.gz", ".nii", ".h5"):  # lists that name files (e.g. AMOS) -> case names
+            if name.endswith(ext):
+                name = name[: -len(ext)]
+        if name:
+            names.append(name)
     if not names:
         raise DataError(f"{path}: list file is empty")
     return names
+
+
+def check_finite(image: np.ndarray, path: str, where: str = "") -> np.ndarray:
+    """Refuse an image holding NaN or infinite values (they would silently turn every
+    prediction into background, or every loss into NaN). ``where`` says which part was read."""
+    if image.dtype.kind in "fc" and image.size:
+        finite = np.isfinite(image)
+        if not finite.all():
+            bad = int(image.size - np.count_nonzero(finite))
+            kinds = []
+            if np.isnan(image).any():
+                kinds.append("NaN")
+            if np.isinf(image).any():
+                kinds.append("infinite")
+            raise DataError(f"{path}: 'image'{where} holds {bad} {' and '.join(kinds)} value(s); "
+                            f"fix or remove this case")
+    return image
 
 
 def _check_label(label: np.ndarray, path: str, num_classes: Optional[int]) -> np.ndarray:
@@ -126,8 +151,9 @@ def read_h5(
                 spatial_dims -= 1
     except DataError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise DataError(f"{path}: cannot read h5 file ({exc})") from exc
+    check_finite(np.asarray(image), path, "" if index is None else f" slice {index[1]} along axis {index[0]}")
     image = _channels_first(np.asarray(image), spatial_dims, path)
     if label is not None:
         label = _check_label(np.asarray(label), path, num_classes)
@@ -136,6 +162,23 @@ def read_h5(
                 f"{path}: 'label' shape {tuple(label.shape)} differs from 'image' spatial shape {tuple(image.shape[1:])}"
             )
     return image, label
+
+
+def h5_image_info(path: str) -> Tuple[Optional[int], Dict]:
+    """(number of axes of 'image' or None, the file's attributes), read safely."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
+            return f["image"].ndim, dict(f.attrs)
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read h5 file ({exc})") from exc
 
 
 def h5_shape(path: str) -> Tuple[int, ...]:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .io import Case, DataError, h5_shape, read_h5, read_list, read_nifti
+from .io import Case, DataError, check_finite, h5_shape, read_h5, read_list, read_nifti
 from . import preprocess as pp
 
 LAYOUTS = ("acdc", "la", "brats2019", "nifti")
@@ -271,9 +271,7 @@ class NiftiSource(Source):
                 self.info = json.load(f)
         except (OSError, ValueError) as exc:
             raise DataError(f"{js}: cannot parse ({exc})") from exc
-        self.ending = self.info.get("file_ending", ".nii.gz")
-        names = self.info.get("channel_names") or self.info.get("modality") or {"0": "MR"}
-        self.modalities = [names[k] for k in sorted(names, key=lambda s: int(s))]
+        self.ending, self.modalities = _check_dataset_json(self.info, js)
         if normalization is None:
             self.schemes = [pp.scheme_for_modality(m) for m in self.modalities]
         else:
@@ -289,6 +287,7 @@ class NiftiSource(Source):
         self.ct_window = tuple(float(v) for v in (ct_window or pp.DEFAULT_CT_WINDOW))
         self.target_spacing = tuple(float(v) for v in target_spacing) if target_spacing else None
         self.cache_dir = cache_dir
+        self._warned_test = False
         labels = self.info.get("labels")
         if num_classes is not None and isinstance(labels, dict) and labels and len(labels) != num_classes:
             warnings.warn(f"{js} lists {len(labels)} labels but num_classes is {num_classes}")
@@ -342,8 +341,25 @@ class NiftiSource(Source):
         if split == "train":
             return True
         if split == "test":
+            self._warn_unlabeled_test()
             return bool(self._images["imagesTs"]) and os.path.isdir(os.path.join(self.root, "labelsTs"))
         return False
+
+    def _warn_unlabeled_test(self):
+        """imagesTs cases without a label cannot be scored: say which (once), never drop them silently."""
+        if self._warned_test or not self._images["imagesTs"]:
+            return
+        self._warned_test = True
+        ts = sorted(self._images["imagesTs"])
+        if not os.path.isdir(os.path.join(self.root, "labelsTs")):
+            warnings.warn(f"{os.path.join(self.root, 'imagesTs')}: {len(ts)} case(s) but no labelsTs/ folder; "
+                          f"they are not used for testing (a test split is drawn from the training cases)")
+            return
+        lost = [c for c in ts if not os.path.isfile(os.path.join(self.root, "labelsTs", c + self.ending))]
+        if lost:
+            more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+            warnings.warn(f"{os.path.join(self.root, 'labelsTs')}: {len(lost)} of {len(ts)} imagesTs case(s) have "
+                          f"no label and are left out of the test metrics: {', '.join(lost[:5])}{more}")
 
     def cases(self, split):
         p = _list_path(self.root, f"{split}.list")
@@ -461,6 +477,8 @@ class NiftiSource(Source):
             seg = None if seg is None else np.take(seg, item.index, axis=item.axis)
         img = np.array(img, dtype=np.float32)
         seg = None if seg is None else np.array(seg, dtype=np.int64)
+        where = "" if item.index is None else f" slice {item.index} along axis {item.axis}"
+        check_finite(img, f"{ip} (case {item.case})", where)
         return img, seg
 
     def preprocessing(self):
@@ -468,6 +486,58 @@ class NiftiSource(Source):
                 "ct_window": list(self.ct_window),
                 "target_spacing": list(self.target_spacing) if self.target_spacing else None,
                 "file_ending": self.ending}
+
+
+def _check_dataset_json(info, js: str) -> Tuple[str, List[str]]:
+    """(file ending, channel names in order) of a parsed dataset.json; refuses what nnU-Net would not read."""
+    if not isinstance(info, dict):
+        raise DataError(f"{js}: expected a JSON object with channel_names, labels and file_ending; "
+                        f"found a {type(info).__name__}")
+    ending = info.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not ending.startswith(".") or ending not in (".nii.gz", ".nii"):
+        raise DataError(f"{js}: file_ending {ending!r}: expected \".nii.gz\" or \".nii\"")
+    key = "channel_names" if "channel_names" in info else "modality"
+    names = info.get(key) or {"0": "MR"}
+    if not isinstance(names, dict):
+        raise DataError(f"{js}: {key} must map channel numbers to names, e.g. {{\"0\": \"CT\"}}; "
+                        f"found a {type(names).__name__}")
+    try:
+        nums = {int(str(k)): v for k, v in names.items()}
+    except ValueError:
+        raise DataError(f"{js}: {key} keys {sorted(map(str, names))} must be channel numbers 0, 1, ...") from None
+    if sorted(nums) != list(range(len(nums))):
+        raise DataError(f"{js}: {key} numbers {sorted(nums)} must be 0 .. {len(nums) - 1} without gaps")
+    if not all(isinstance(v, str) for v in nums.values()):
+        raise DataError(f"{js}: {key} values must be names such as \"CT\" or \"T2\"")
+    labels = info.get("labels")
+    if labels is not None and not isinstance(labels, (dict, list)):
+        raise DataError(f"{js}: labels must map names to class numbers; found a {type(labels).__name__}")
+    return ending, [nums[k] for k in range(len(nums))]
+
+
+# Geometry must agree within these tolerances: voxel sizes relative, origins in mm,
+# directions absolute (header floats are float32; resampled files carry rounding noise).
+_SPACING_RTOL = 1e-3
+_ORIGIN_ATOL = 1e-2
+_DIRECTION_ATOL = 1e-3
+
+
+def _geometry_mismatch(aff_a: np.ndarray, aff_b: np.ndarray, zooms_a=None, zooms_b=None) -> Optional[str]:
+    """None when two affines (and header voxel sizes, when given) describe the same grid
+    within tolerance, else what differs."""
+    if zooms_a is not None and zooms_b is not None and \
+            not np.allclose(zooms_a[:3], zooms_b[:3], rtol=_SPACING_RTOL, atol=0):
+        return f"voxel spacing {tuple(round(float(z), 4) for z in zooms_b[:3])} vs " \
+               f"{tuple(round(float(z), 4) for z in zooms_a[:3])}"
+    za, zb = np.linalg.norm(aff_a[:3, :3], axis=0), np.linalg.norm(aff_b[:3, :3], axis=0)
+    if not np.allclose(za, zb, rtol=_SPACING_RTOL, atol=0):
+        return f"voxel spacing {tuple(np.round(zb, 4).tolist())} vs {tuple(np.round(za, 4).tolist())}"
+    if not np.allclose(aff_a[:3, 3], aff_b[:3, 3], rtol=0, atol=_ORIGIN_ATOL):
+        return f"origin {tuple(np.round(aff_b[:3, 3], 3).tolist())} vs {tuple(np.round(aff_a[:3, 3], 3).tolist())}"
+    da, db = aff_a[:3, :3] / np.maximum(za, 1e-12), aff_b[:3, :3] / np.maximum(zb, 1e-12)
+    if not np.allclose(da, db, rtol=0, atol=_DIRECTION_ATOL):
+        return "axis directions (orientation) differ"
+    return None
 
 
 def _atomic_npy(path, arr):
@@ -490,9 +560,14 @@ def load_nifti_case(paths: Sequence[str], label_path: Optional[str], prep: Dict,
             raise DataError(f"{p}: NIfTI image has {data.ndim} axes; expected 3 (one file per channel)")
         if shape is None:
             shape, affine, zooms, header = data.shape, aff, zz, hdr
-        elif data.shape != shape:
-            raise DataError(f"{p}: shape {data.shape} differs from {paths[0]} {shape}")
-        chans.append(np.asarray(data, dtype=np.float32))
+        else:
+            if data.shape != shape:
+                raise DataError(f"{p}: shape {data.shape} differs from {paths[0]} {shape}")
+            diff = _geometry_mismatch(affine, aff, zooms, zz)
+            if diff:
+                raise DataError(f"{p}: geometry differs from channel 0 {paths[0]}: {diff}; resample the channels "
+                                f"onto one grid")
+        chans.append(check_finite(np.asarray(data, dtype=np.float32), p))
     image = np.stack(chans)
     schemes = prep.get("normalization") or ["none"] * image.shape[0]
     if len(schemes) != image.shape[0]:
@@ -500,12 +575,16 @@ def load_nifti_case(paths: Sequence[str], label_path: Optional[str], prep: Dict,
     image = pp.normalize(image, schemes, prep.get("ct_window", pp.DEFAULT_CT_WINDOW))
     label = None
     if label_path is not None:
-        data, _, _, _ = read_nifti(label_path)
+        data, laff, lzooms, _ = read_nifti(label_path)
         from .io import _check_label
 
         label = _check_label(np.asarray(data), label_path, num_classes)
         if label.shape != tuple(shape):
             raise DataError(f"{label_path}: label shape {label.shape} differs from image shape {tuple(shape)}")
+        diff = _geometry_mismatch(affine, laff, zooms, lzooms)
+        if diff:
+            raise DataError(f"{label_path}: label geometry differs from image {paths[0]}: {diff}; the label "
+                            f"must lie on the image's grid")
     target = prep.get("target_spacing")
     meta = {"original_shape": tuple(int(s) for s in shape), "header": header, "label_resampled": label}
     spacing = tuple(float(z) for z in zooms)

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import ConfigError
 from .io import write_h5, write_nifti
 
 _DEFAULTS = {
@@ -71,9 +72,22 @@ def make_synthetic(
     if layout == "brats2019":
         layout = "brats"
     if layout not in _DEFAULTS:
-        raise ValueError(f"layout {layout!r}: expected one of {sorted(_DEFAULTS)}")
-    shape = tuple(shape or _DEFAULTS[layout]["shape"])
-    num_classes = int(num_classes or _DEFAULTS[layout]["num_classes"])
+        raise ConfigError(f"--layout {layout!r}: expected one of {sorted(_DEFAULTS)}")
+    shape = tuple(_DEFAULTS[layout]["shape"] if shape is None else shape)
+    if len(shape) != 3 or any(int(s) != s or s < 1 for s in shape):
+        what = "Z H W (slices, height, width)" if layout == "acdc" else "three sizes (a volume)"
+        raise ConfigError(f"--shape {' '.join(map(str, shape))}: the {layout} layout needs {what}, each positive")
+    num_classes = int(_DEFAULTS[layout]["num_classes"] if num_classes is None else num_classes)
+    if num_classes < 2:
+        raise ConfigError(f"--num-classes {num_classes}: must be at least 2 (background + one class)")
+    if num_classes > 255:
+        raise ConfigError(f"--num-classes {num_classes}: synthetic labels are stored as uint8 (at most 255)")
+    for flag, v, lo in (("--num-train", num_train, 1), ("--num-val", num_val, 0), ("--num-test", num_test, 0),
+                        ("--in-channels", in_channels, 1), ("num_unlabeled", num_unlabeled, 0)):
+        if v < lo:
+            raise ConfigError(f"{flag} {v}: must be at least {lo}")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"--out {root}: exists and is not a folder")
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     n_total = num_train + num_val + num_test

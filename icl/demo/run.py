@@ -74,7 +74,8 @@ def _train(root: str, out: str, method: str, fraction: float, s: DemoSettings, s
                       batch_size=s.batch_size, labeled_bs=s.labeled_bs, max_iterations=s.iterations,
                       val_every=s.val_every, save_every=0, out=out, method=method, mixer=s.mixer,
                       global_queries=s.global_queries, intensity_aug=s.intensity_aug, seed=seed, num_workers=0,
-                      device=device, backend=backend, progress=progress, num_overlays=0, **extra)
+                      device=device, backend=backend, progress=progress, num_overlays=0,
+                      overwrite=True, **extra)  # the demo owns its run folders: a rerun replaces them
     t0 = time.perf_counter()
     result = train(cfg)
     wall = time.perf_counter() - t0

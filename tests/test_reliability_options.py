@@ -1,0 +1,162 @@
+"""Issue 12, classes 8 and 9: every option is checked (against the data where it needs it) before
+training starts, and each mistake is one line naming the option or file, exit 2, no traceback,
+with nothing of an earlier result destroyed."""
+import os
+import shutil
+
+import h5py
+import pytest
+import torch
+
+from icl.data import make_synthetic
+from icl.train import ConfigError, TrainConfig
+from reliability_helpers import TRAIN, fingerprint, make_checkpoint, one_line_error, run, run_subprocess
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def acdc(tmp_path_factory):
+    return make_synthetic(str(tmp_path_factory.mktemp("opts") / "acdc"), "acdc", num_train=4, seed=0)["root"]
+
+
+def _train(acdc, out, *extra):
+    return TRAIN + ["--root", acdc, "--out", str(out)] + list(extra)
+
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--spacing", "1", "1"], ["--spacing 1.0 1.0", "3 axes"]),
+    (["--spacing", "1", "0", "1"], ["--spacing", "positive"]),
+    (["--slice-axis", "3"], ["--slice-axis 3"]),
+    (["--num-workers", "-1"], ["--num-workers", "-1"]),
+    (["--labeled-num", "2", "--labeled-fraction", "1.0"], ["exactly one of --labeled-num and --labeled-fraction"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--val-fraction", "1.5"], ["--val-fraction"]),
+    (["--base-lr", "-1"], ["--base-lr"]),
+    (["--target-spacing", "1", "1"], ["--target-spacing", "3 values"]),
+    (["--device", "tpu"], ["--device 'tpu'"]),
+    (["--device", "cuda:7"] if not NO_GPU else ["--device", "cuda"], ["--device cuda"]),
+    (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
+])
+def test_bad_training_options_refused_before_training(acdc, tmp_path, capsys, extra, needles):
+    out = tmp_path / "run"
+    code, err = run(_train(acdc, out, *extra), capsys)
+    one_line_error(code, err, *needles)
+    assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
+
+
+def test_labeled_fraction_one_with_icl(acdc, tmp_path, capsys):
+    argv = _train(acdc, tmp_path / "run")
+    i = argv.index("--labeled-num")
+    del argv[i:i + 2]
+    code, err = run(argv + ["--labeled-fraction", "1.0"], capsys)
+    one_line_error(code, err, "--labeled-fraction 1.0", "--method icl", "unlabeled")
+    # the supervised baseline may label everything
+    code, err = run(argv + ["--labeled-fraction", "1.0", "--method", "supervised"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks a machine without a GPU")
+def test_cuda_backend_without_gpu(acdc, tmp_path, capsys):
+    code, err = run(_train(acdc, tmp_path / "run", "--backend", "cuda"), capsys)
+    one_line_error(code, err, "--backend cuda", "cannot run on cpu")
+    ck = make_checkpoint(tmp_path / "w.pt")
+    code, err = run(["evaluate", "--checkpoint", ck, "--root", acdc, "--out", str(tmp_path / "e"),
+                     "--device", "cuda"], capsys)
+    one_line_error(code, err, "--device cuda", "no GPU")
+
+
+@pytest.mark.parametrize("yaml_text,needles", [
+    ("max_iterations: many\n", ["max_iterations", "--max-iterations", "integer", "'many'"]),
+    ("patch_size: 32\n", ["patch_size", "list"]),
+    ("base_lr: fast\n", ["base_lr", "number"]),
+    ("deterministic: maybe\n", ["deterministic", "true or false"]),
+    ("loss_weights: [1, 2]\n", ["loss_weights", "mapping"]),
+    ("- a\n- b\n", ["expected a mapping"]),
+])
+def test_wrong_typed_config_values(acdc, tmp_path, capsys, yaml_text, needles):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    code, err = run(_train(acdc, tmp_path / "run", "--config", str(cfg)), capsys)
+    one_line_error(code, err, "c.yaml", *needles)
+
+
+def test_config_types_in_python_api():
+    with pytest.raises(ConfigError, match=r"num_workers \(--num-workers\) must be an integer, got '2'"):
+        TrainConfig.from_dict({"num_workers": "2"})
+    assert TrainConfig.from_dict({"max_iterations": 3e4}).max_iterations == 30000  # YAML's 3.0e4 is fine
+    assert TrainConfig.from_dict({"resume": True}).resume is True
+
+
+def test_out_places_that_cannot_be_written(acdc, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    ck = make_checkpoint(tmp_path / "w.pt")
+    vol = os.path.join(acdc, "data", "patient001_frame01.h5")
+    cases = [
+        (_train(acdc, f), "icl train", f"--out {f}"),
+        (["predict", "--checkpoint", ck, vol, "--out", str(f), "--no-progress"], "icl predict", f"--out {f}"),
+        (["predict", "--checkpoint", ck, vol, "--out", str(f / "x"), "--no-progress"], "icl predict", "--out"),
+        (["synthetic", "--out", str(f)], "icl synthetic", f"--out {f}"),
+        (["synthetic", "--out", str(f / "x")], "icl synthetic", "cannot create"),
+        (["export", "--checkpoint", ck, "--out", str(f / "x.pt")], "icl export", f"--out {f / 'x.pt'}"),
+        (["export", "--checkpoint", ck, "--out", str(tmp_path)], "icl export", "is a folder"),
+        (["evaluate", "--checkpoint", ck, "--root", acdc, "--out", str(f)], "icl evaluate", f"--out {f}"),
+    ]
+    for argv, prog, needle in cases:
+        code, err = run(argv, capsys)
+        line = one_line_error(code, err, needle)
+        assert line.startswith(f"{prog}: error:"), line
+    assert f.read_text() == "keep"
+    # predictions named like their inputs would replace them
+    code, err = run(["predict", "--checkpoint", ck, vol, "--out", os.path.dirname(vol)], capsys)
+    one_line_error(code, err, "would replace")
+
+
+def test_corrupt_h5_for_predict(acdc, tmp_path, capsys):
+    ck = make_checkpoint(tmp_path / "w.pt")
+    good = os.path.join(acdc, "data", "patient001_frame01.h5")
+    bad = tmp_path / "trunc.h5"
+    bad.write_bytes(open(good, "rb").read()[:1500])  # a real truncated file
+    noimg = tmp_path / "noimage.h5"
+    with h5py.File(noimg, "w") as h:
+        h["label"] = [1, 2]
+    out = tmp_path / "pred"
+    for f, needle in ((bad, "cannot read h5 file"), (noimg, "no 'image' dataset")):
+        code, err = run(["predict", "--checkpoint", ck, good, str(f), "--out", str(out), "--no-progress"], capsys)
+        one_line_error(code, err, str(f), needle)
+        assert fingerprint(out) == {}  # refused before the first prediction was written
+
+
+def test_unreadable_lists_and_missing_listed_files(acdc, tmp_path, capsys):
+    root = tmp_path / "d"
+    shutil.copytree(acdc, root)
+    lst = root / "train_slices.list"
+    original = lst.read_bytes()
+    lst.write_bytes(b"\xff\xfe\x00\x81binary")
+    code, err = run(_train(str(root), tmp_path / "r1"), capsys)
+    one_line_error(code, err, str(lst), "not a text file")
+    lst.write_bytes(original + b"patient004_frame01_slice_9\n")
+    code, err = run(_train(str(root), tmp_path / "r2"), capsys)
+    one_line_error(code, err, "1 training file(s)", "patient004_frame01_slice_9.h5", "do not exist")
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--num-classes", "0"], ["--num-classes 0", "at least 2"]),
+    (["--layout", "acdc", "--shape", "32", "32"], ["--shape 32 32", "Z H W"]),
+    (["--layout", "la", "--shape", "0", "16", "16"], ["--shape 0 16 16"]),
+    (["--num-train", "0"], ["--num-train 0"]),
+])
+def test_synthetic_options(tmp_path, capsys, argv, needles):
+    out = tmp_path / "s"
+    code, err = run(["synthetic", "--out", str(out)] + argv, capsys)
+    one_line_error(code, err, *needles)
+    assert fingerprint(out) == {}
+
+
+def test_subprocess_exit_code_and_single_line(acdc, tmp_path):
+    r = run_subprocess(_train(acdc, tmp_path / "run", "--num-workers", "-1"), timeout=600)
+    one_line_error(r.returncode, r.stderr, "icl train: error: --num-workers must be 0 or more, got -1")

@@ -1,0 +1,94 @@
+"""Issue 12, classes 2 and 3: a second run into the same --out is refused unless --resume or
+--overwrite says what to do (and --overwrite replaces every file of the old run, best.pt
+included); stale .<name>.tmp<pid> files of killed saves are removed when a run starts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from icl.data import make_synthetic
+from icl.rundir import clean_stale_temporaries
+from reliability_helpers import TRAIN, fingerprint, one_line_error, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def acdc(tmp_path_factory):
+    return make_synthetic(str(tmp_path_factory.mktemp("rundir") / "acdc"), "acdc", num_train=4, seed=0)["root"]
+
+
+def _first_run(acdc, out, capsys):
+    # validation every iteration: the run has a best.pt, which a replacing run without validation must not keep
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(out), "--val-every", "1"], capsys)
+    assert code == 0, err
+    assert (out / "checkpoints" / "best.pt").is_file()
+    (out / "notes.txt").write_text("mine")  # a user's file: never the trainer's to delete
+    return fingerprint(out)
+
+
+def test_second_run_refused_then_overwrite_replaces_every_file(acdc, tmp_path, capsys):
+    out = tmp_path / "run"
+    before = _first_run(acdc, out, capsys)
+    # the same command again: refused before anything is read or written
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(out)], capsys)
+    one_line_error(code, err, f"--out {out}", "already holds a run", "--resume", "--overwrite")
+    assert fingerprint(out) == before
+    # --resume and --overwrite together make no sense
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(out), "--resume", "--overwrite"], capsys)
+    one_line_error(code, err, "--resume", "--overwrite")
+    assert fingerprint(out) == before
+    # --overwrite with a mistake elsewhere: refused, and the old run is still whole
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(out), "--overwrite", "--spacing", "1", "1"], capsys)
+    one_line_error(code, err, "--spacing")
+    assert fingerprint(out) == before
+    # --overwrite: a new run with 3 iterations and no validation; nothing of the old run is left
+    argv = TRAIN + ["--root", acdc, "--out", str(out), "--overwrite", "--seed", "5"]
+    argv[argv.index("--max-iterations") + 1] = "3"
+    code, err = run(argv, capsys)
+    assert code == 0, err
+    assert not (out / "checkpoints" / "best.pt").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    m = json.load(open(out / "metrics.json"))
+    assert m["config"]["seed"] == 5 and m["iteration"] == 3 and m["val"] == [] and m["best"] is None
+    assert len((out / "log.csv").read_text().splitlines()) == 1 + 3
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
+
+
+def test_stale_temporaries_removed_at_start(acdc, tmp_path, capsys):
+    out = tmp_path / "run"
+    _first_run(acdc, out, capsys)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid whose process is gone, as after a kill during a save
+    ck = out / "checkpoints"
+    stale = [ck / f".last.pt.tmp{dead.pid}", ck / f".best.pt.tmp{dead.pid}"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1024)
+    live = ck / ".last.pt.tmp1"  # pid 1 is alive: a save that may be in progress is left alone
+    live.write_bytes(b"\0")
+    last_before = (ck / "last.pt").read_bytes()
+    argv = TRAIN + ["--root", acdc, "--out", str(out), "--resume"]
+    argv[argv.index("--max-iterations") + 1] = "3"
+    code, err = run(argv, capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in stale)
+    assert live.exists()
+    assert (ck / "last.pt").read_bytes() != last_before
+    assert torch.load(ck / "last.pt", weights_only=True)["iteration"] == 3
+    # the function itself: only .<name>.tmp<pid> names of dead writers
+    keep = ck / "tmp123"
+    keep.write_text("x")
+    assert clean_stale_temporaries(str(ck)) == [] and keep.exists()
+
+
+def test_refused_run_files_untouched_on_bad_out(acdc, tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("precious")
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(f)], capsys)
+    one_line_error(code, err, f"--out {f}", "not a folder")
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(f / "sub")], capsys)
+    one_line_error(code, err, f"--out {f / 'sub'}", "cannot create")
+    assert f.read_text() == "precious"
