@@ -1,6 +1,6 @@
 """icl: semi-supervised medical image segmentation with Inherent Consistent Learning."""
 from .losses import LossWeights, consistency_rampup, icl_losses
-from .models import ICLHead, ICLNet, ICLOutputs, UNet2D, UNet3D, build_model
+from .models import ICLHead, ICLNet, ICLOutputs, UNet2D, UNet3D, attach, build_backbone, build_model
 
 __all__ = [
     "ICLHead",
@@ -9,6 +9,8 @@ __all__ = [
     "LossWeights",
     "UNet2D",
     "UNet3D",
+    "attach",
+    "build_backbone",
     "build_model",
     "consistency_rampup",
     "icl_losses",
