@@ -164,6 +164,8 @@ def test_swinunetr_layout_is_the_published_one():
     assert net.feature_channels == (192, 96, 48) and net.sspa.num_heads == (16, 8, 4)
     with pytest.raises(ValueError, match="multiple of 32"):
         build_model("swinunetr", 1, 2, (48, 48), **TINY)
+    with pytest.raises(ValueError, match="single-voxel"):
+        build_model("swinunetr", 1, 2, (32, 32), **TINY)
     with pytest.raises(ValueError, match="not accepted"):
         build_model("swinunetr", 1, 2, (64, 64), no_such_option=1)
 

@@ -270,6 +270,9 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, patch_size: Op
             if any(int(p) <= 0 or int(p) % 32 for p in patch_size):
                 raise ValueError(f"build_backbone: swinunetr needs every patch_size entry a positive multiple of 32 "
                                  f"(it downsamples 32x), got {tuple(patch_size)}")
+            if all(int(p) == 32 for p in patch_size):
+                raise ValueError(f"build_backbone: swinunetr with patch_size {tuple(patch_size)} has a single-voxel "
+                                 f"bottleneck, which its InstanceNorm cannot normalise; make one size 64 or more")
         opts.setdefault("feature_size", 48)
         try:
             return SwinUNETR(in_channels=int(in_channels), out_channels=int(num_classes), spatial_dims=int(dims),
