@@ -8,7 +8,7 @@ import os as _os
 # to opt out.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .losses import LossWeights, consistency_rampup, icl_losses
-from .models import ICLHead, ICLNet, ICLOutputs, UNet2D, UNet3D, build_model
+from .models import ICLHead, ICLNet, ICLOutputs, UNet2D, UNet3D, attach, build_backbone, build_model
 
 __all__ = [
     "ICLHead",
@@ -17,6 +17,8 @@ __all__ = [
     "LossWeights",
     "UNet2D",
     "UNet3D",
+    "attach",
+    "build_backbone",
     "build_model",
     "consistency_rampup",
     "icl_losses",

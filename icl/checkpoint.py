@@ -4,14 +4,15 @@ A training checkpoint is a dict of plain types and tensors (loadable with
 ``torch.load(..., weights_only=True)``)::
 
     format: "icl-checkpoint", version: 1, kind: "train" | "weights"
-    model_config: {arch, in_channels, num_classes, patch_size, mixer, global_queries, faithful, method}
-    data_config:  {dataset, preprocessing: {...}, spacing}
+    model_config: {arch, backbone_options, in_channels, num_classes, patch_size, mixer, global_queries,
+                   faithful, method}
+    data_config:  {dataset, preprocessing: {...}, spacing, interpolation}
     model: state_dict (the ICLNet for method "icl", the bare backbone for every other method)
     method_state: extra state of the method in training checkpoints (Mean Teacher: the EMA teacher)
     iteration, best, config (the run's full config)
     kind "train" only: optimizer, scaler, rng (per rank), sampler
 
-An exported backbone is a plain state_dict of the UNet (``UNet2D(...).load_state_dict(
+An exported backbone is a plain state_dict of the backbone (``UNet2D(...).load_state_dict(
 torch.load(f, weights_only=True))`` works); its ``_metadata["__icl__"]`` entry keeps the
 model and data config so that ``icl predict`` can use it too.
 """
@@ -30,7 +31,7 @@ from .errors import UsageError
 FORMAT = "icl-checkpoint"
 VERSION = 1
 META_KEY = "__icl__"
-MODEL_KEYS = ("arch", "in_channels", "num_classes", "patch_size", "mixer", "global_queries", "faithful", "method")
+MODEL_KEYS = ("arch", "backbone_options", "in_channels", "num_classes", "patch_size", "mixer", "global_queries", "faithful", "method")
 
 
 class CheckpointError(UsageError):
@@ -139,23 +140,29 @@ def backbone_state(ckpt: Dict) -> Dict[str, torch.Tensor]:
 
 
 def build_backbone(model_config: Dict) -> torch.nn.Module:
-    from .models import UNet2D, UNet3D
+    from .models import ARCHS
+    from .models import build_backbone as build
 
     arch = model_config.get("arch")
-    cls = {"unet2d": UNet2D, "unet3d": UNet3D}.get(arch)
-    if cls is None:
+    if arch not in ARCHS:
         raise CheckpointError(f"checkpoint model_config has unknown arch {arch!r}")
-    return cls(int(model_config["in_channels"]), int(model_config["num_classes"]))
+    return build(arch, int(model_config["in_channels"]), int(model_config["num_classes"]),
+                 model_config.get("patch_size") or None, **(model_config.get("backbone_options") or {}))
 
 
 def backbone_from_checkpoint(ckpt: Dict, num_classes: Optional[int] = None,
                              in_channels: Optional[int] = None) -> torch.nn.Module:
-    """The inference network (UNet2D/UNet3D) with the checkpoint's weights, in eval mode."""
+    """The inference network (the bare backbone) with the checkpoint's weights, in eval mode; it
+    carries the training patch and the run's 2D resampling mode for ``icl.predict``."""
     mc = ckpt.get("model_config", {})
     check_compatible(ckpt, {"num_classes": num_classes, "in_channels": in_channels})
     net = build_backbone(mc)
     load_state(net, backbone_state(ckpt), what=ckpt.get("path", "checkpoint"))
-    net.patch_size = tuple(mc.get("patch_size") or ())
+    from .models import set_patch_size
+
+    if mc.get("patch_size"):
+        set_patch_size(net, mc["patch_size"])
+    net.icl_interpolation = (ckpt.get("data_config") or {}).get("interpolation") or "linear"
     net.eval()
     return net
 

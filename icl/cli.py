@@ -48,10 +48,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ct-window", type=float, nargs=2, default=S, help="NIfTI CT window (default -175 250)")
     g.add_argument("--cache-dir", default=S, help="NIfTI: preprocessed-array cache (default OUT/cache)")
     g.add_argument("--val-fraction", type=float, default=S, help="share of cases drawn for validation when no list")
+    g.add_argument("--interpolation", choices=["linear", "nearest"], default=S,
+                   help="2D image resampling in training and evaluation (published: nearest)")
+    g.add_argument("--fill", choices=["edge", "zero"], default=S, help="2D rotation corners (published: zero)")
     g.add_argument("--intensity-aug", default=S, metavar="LIST",
                    help="intensity augmentations: 'default' or a list from gamma,noise,bias")
     g.add_argument("--num-workers", type=int, default=S)
     g = p.add_argument_group("model and method")
+    g.add_argument("--model", choices=["unet", "swinunetr"], default=S,
+                   help="backbone (swinunetr: MONAI's, pip install 'icl-kernels[monai]')")
     g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch"], default=S)
     g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all"], default=S,
                    help="icl: one view of the unlabeled batch (published), weak targets for USCL on a strong "
@@ -408,7 +413,7 @@ def cmd_export(args) -> int:
     ck = C.load(args.checkpoint)
     C.export_backbone(ck, args.out)
     mc = ck["model_config"]
-    cls = "UNet2D" if mc["arch"] == "unet2d" else "UNet3D"
+    cls = {"unet2d": "UNet2D", "unet3d": "UNet3D"}.get(mc["arch"], "MONAI SwinUNETR")
     _say(f"wrote {args.out}: {cls}(in_channels={mc['in_channels']}, num_classes={mc['num_classes']}) state dict")
     return 0
 

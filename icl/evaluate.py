@@ -42,9 +42,11 @@ def evaluate_cases(
     progress: bool = True,
     desc: str = "evaluate",
     keep_predictions: int = 0,
+    interpolation=None,
 ) -> Dict:
     """Evaluate ``model`` on the named cases of ``source``.
 
+    ``interpolation``: how 2D models resize slices (see ``icl.predict``; None: the model's).
     Returns {"cases": [(name, per-class dict)], "summary": metrics.summarize(...),
     "examples": [(case, prediction)] for the first ``keep_predictions`` cases}.
     """
@@ -54,7 +56,8 @@ def evaluate_cases(
     for name in tqdm(list(names), desc=desc, disable=not progress, leave=False):
         case = source.load_case(name)
         pred = predict(model, case.image, patch_size=patch_size, slice_axis=source.slice_axis,
-                       overlap=overlap, batch_size=batch_size, device=device, amp=amp)
+                       overlap=overlap, batch_size=batch_size, device=device, amp=amp,
+                       interpolation=interpolation)
         pred = restore_geometry(pred, case)
         per_class = M.evaluate_case(pred, case.label, num_classes, spacing=case.spacing)
         results.append((name, per_class))

@@ -1,7 +1,11 @@
 """Inference on whole images and volumes.
 
 - 2D models: every slice along ``slice_axis`` is resized to the patch size,
-  segmented (in batches), and its class probabilities resized back.
+  segmented (in batches), and its class probabilities resized back: bilinear
+  both ways by default; ``interpolation="nearest"`` resizes both ways by
+  nearest neighbour on the sample grid of ``scipy.ndimage.zoom(order=0)``, as
+  the published ACDC evaluation does (zooming back the label map there; here
+  the probabilities, whose argmax is the same).
 - 3D models: a sliding window of the patch size with ``overlap`` (fraction of
   the patch shared by neighbouring windows), probabilities averaged; volumes
   smaller than the patch are zero-padded (centred) and cropped back.
@@ -85,21 +89,32 @@ def predict(
     amp: str = "none",
     return_probs: bool = False,
     progress: bool = False,
+    interpolation: Optional[str] = None,
 ):
     """Segment one image or volume.
 
     volume: numpy array or tensor, [*spatial] or [C, *spatial] (a 2D model also
     takes a volume and segments it slice by slice along ``slice_axis``, a
     spatial axis). patch_size: the training patch (default: ``model.patch_size``).
+    interpolation: ``"linear"`` or ``"nearest"`` (the published 2D evaluation),
+    how 2D models resize slices to the patch and back; default: the model's
+    ``icl_interpolation`` (set from a checkpoint's run), else ``"linear"``.
     Returns the label map (int64, [*spatial]); with ``return_probs`` also the
     class probabilities [K, *spatial] (float32).
     """
     net = _net_of(model)
     if patch_size is None:
-        patch_size = getattr(net, "patch_size", None) or getattr(getattr(net, "backbone", None), "patch_size", None)
+        bb = getattr(net, "backbone", None)
+        patch_size = (getattr(net, "icl_patch_size", None) or getattr(bb, "icl_patch_size", None)
+                      or getattr(net, "patch_size", None) or getattr(bb, "patch_size", None))
     if not patch_size:
         raise ValueError("predict: patch_size is required (the model has no patch_size attribute)")
     patch_size = tuple(int(p) for p in patch_size)
+    if interpolation is None:
+        interpolation = (getattr(net, "icl_interpolation", None)
+                         or getattr(getattr(net, "backbone", None), "icl_interpolation", None) or "linear")
+    if interpolation not in ("linear", "nearest"):
+        raise ValueError(f"predict: interpolation must be 'linear' or 'nearest', got {interpolation!r}")
     dims = _spatial_dims(net, patch_size)
     if len(patch_size) != dims:
         raise ValueError(f"predict: patch_size {patch_size} does not fit a {dims}D model")
@@ -111,7 +126,7 @@ def predict(
     try:
         x = _as_channels_first(volume, _in_channels(net), dims)
         if dims == 2:
-            probs = _predict_2d(net, x, patch_size, slice_axis, batch_size, device, amp, progress)
+            probs = _predict_2d(net, x, patch_size, slice_axis, batch_size, device, amp, progress, interpolation)
         else:
             probs = _predict_3d(net, x, patch_size, overlap, batch_size, device, amp, progress)
     finally:
@@ -130,7 +145,29 @@ def _forward(net, batch, device, amp):
     return torch.softmax(out.float(), dim=1)
 
 
-def _predict_2d(net, x, patch, slice_axis, batch_size, device, amp, progress):
+def zoom_indices(src: int, dst: int) -> torch.Tensor:
+    """Source index of each of ``dst`` outputs for a nearest-neighbour resize of ``src``
+    samples, on the grid of ``scipy.ndimage.zoom(order=0, grid_mode=False)``: output
+    i reads input round(i * (src - 1) / (dst - 1)), halves rounded up."""
+    if dst == 1 or src == 1:
+        return torch.zeros(dst, dtype=torch.long)
+    pos = torch.arange(dst, dtype=torch.float64) * ((src - 1) / (dst - 1))
+    return torch.floor(pos + 0.5).long().clamp_(0, src - 1)
+
+
+def _resize_nearest(t: torch.Tensor, size) -> torch.Tensor:
+    """[B, C, h, w] -> [B, C, *size] by ``zoom_indices`` along each axis."""
+    h, w = t.shape[-2:]
+    return t.index_select(-2, zoom_indices(h, size[0]).to(t.device)).index_select(-1, zoom_indices(w, size[1]).to(t.device))
+
+
+def _resize(t: torch.Tensor, size, interpolation: str) -> torch.Tensor:
+    if interpolation == "nearest":
+        return _resize_nearest(t, size)
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def _predict_2d(net, x, patch, slice_axis, batch_size, device, amp, progress, interpolation="linear"):
     single = x.ndim == 3
     if single:
         x = x.unsqueeze(1)  # [C, 1, H, W]
@@ -150,10 +187,10 @@ def _predict_2d(net, x, patch, slice_axis, batch_size, device, amp, progress):
     for s in rng:
         b = slices[s:s + batch_size]
         if (h, w) != patch:
-            b = F.interpolate(b, size=patch, mode="bilinear", align_corners=False)
+            b = _resize(b, patch, interpolation)
         p = _forward(net, b, device, amp)
         if (h, w) != patch:
-            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+            p = _resize(p, (h, w), interpolation)
         p = p.cpu()
         if out is None:
             out = torch.empty((p.shape[1], D, h, w), dtype=torch.float32)

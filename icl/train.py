@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
 from . import checkpoint as ckpt_mod
 from .data import (DATASETS, IntensityAugment, TrainAugment, TrainDataset, TwoStreamBatchSampler,
                    build_source, make_splits)
@@ -85,8 +86,12 @@ class TrainConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     intensity_aug: Optional[Any] = None
+    interpolation: str = "linear"
+    fill: str = "edge"
     num_workers: int = 2
     # model / method
+    model: str = "unet"
+    model_options: Optional[Dict[str, Any]] = None
     method: str = "icl"
     icl_views: str = "one"
     mixer: str = "conv"
@@ -177,6 +182,17 @@ class TrainConfig:
             self.labeled_bs = self.batch_size // 2
         if self.labeled_bs <= 0 or self.labeled_bs > self.batch_size:
             raise ConfigError(f"--labeled-bs {self.labeled_bs} must be in 1..--batch-size ({self.batch_size})")
+        if self.model not in ("unet", "swinunetr"):
+            raise ConfigError(f"--model {self.model!r}: expected unet or swinunetr")
+        if self.model == "unet" and self.model_options:
+            raise ConfigError(f"model_options {self.model_options}: the unet backbone takes none")
+        if self.model == "swinunetr" and any(p % 32 for p in self.patch_size):
+            raise ConfigError(f"--patch-size {' '.join(map(str, self.patch_size))}: swinunetr needs every size a "
+                              f"multiple of 32 (it downsamples 32x)")
+        if self.interpolation not in ("linear", "nearest"):
+            raise ConfigError(f"--interpolation {self.interpolation!r}: expected linear or nearest")
+        if self.fill not in ("edge", "zero"):
+            raise ConfigError(f"--fill {self.fill!r}: expected edge or zero")
         from .methods import get_method
 
         try:
@@ -200,8 +216,14 @@ class TrainConfig:
         check_options(self)
         return self
 
+    @property
+    def arch(self) -> str:
+        if self.model == "unet":
+            return "unet2d" if self.spatial_dims == 2 else "unet3d"
+        return self.model
+
     def model_config(self) -> Dict:
-        return {"arch": "unet2d" if self.spatial_dims == 2 else "unet3d", "in_channels": self.in_channels,
+        return {"arch": self.arch, "backbone_options": self.model_options, "in_channels": self.in_channels,
                 "num_classes": self.num_classes, "patch_size": list(self.patch_size), "mixer": self.mixer,
                 "global_queries": self.global_queries, "faithful": bool(self.faithful), "method": self.method}
 
@@ -444,12 +466,14 @@ class _Trainer:
             cfg.in_channels = data_ch
         elif int(cfg.in_channels) != data_ch:
             raise ConfigError(f"--in-channels {cfg.in_channels}, but {self.splits.items[0].path} has {data_ch} channel(s)")
-        aug = TrainAugment(tuple(cfg.patch_size), IntensityAugment.from_config(cfg.intensity_aug))
+        aug = TrainAugment(tuple(cfg.patch_size), IntensityAugment.from_config(cfg.intensity_aug),
+                           interpolation=cfg.interpolation, fill=cfg.fill)
         self.train_set = TrainDataset(self.source, self.splits.items, aug, seed=cfg.seed)
 
     def _setup_model(self):
         cfg = self.cfg
         from .methods import get_method
+        from .models import set_patch_size
 
         backend = None if cfg.backend == "auto" else cfg.backend  # auto also weighs the dtype (bf16 on CPU -> torch)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -460,7 +484,7 @@ class _Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self.backbone = self.method.backbone(self.net)
-        self.backbone.patch_size = tuple(cfg.patch_size)
+        set_patch_size(self.backbone, cfg.patch_size)
         self.net.to(self.device)
         self.method.to(self.device)
         step = _TrainStep(self.net, self.method)
@@ -480,7 +504,8 @@ class _Trainer:
     # -- checkpoints -----------------------------------------------------------
     def _data_config(self) -> Dict:
         return {"dataset": self.cfg.dataset, "preprocessing": self.source.preprocessing(),
-                "spacing": list(self.cfg.spacing) if self.cfg.spacing else None}
+                "spacing": list(self.cfg.spacing) if self.cfg.spacing else None,
+                "interpolation": self.cfg.interpolation}
 
     def _checkpoint(self, kind: str) -> Dict:
         c = {"format": ckpt_mod.FORMAT, "version": ckpt_mod.VERSION, "kind": kind,
@@ -608,7 +633,8 @@ class _Trainer:
     def _evaluate(self, names, desc, keep=0):
         return evaluate_cases(self.backbone, self.source, names, self.cfg.num_classes, self.cfg.patch_size,
                               overlap=self.cfg.overlap, batch_size=self.cfg.eval_batch_size, device=self.device,
-                              amp=self.cfg.amp, progress=self.cfg.progress, desc=desc, keep_predictions=keep)
+                              amp=self.cfg.amp, progress=self.cfg.progress, desc=desc, keep_predictions=keep,
+                              interpolation=self.cfg.interpolation)
 
     def _validate(self):
         if not self.splits.val:

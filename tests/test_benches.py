@@ -23,7 +23,8 @@ COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", 
 NUMBERS = ("p50", "p20", "p80")
 REASON_PREFIXES = ("unsupported", "skipped", "oom", "error")
 # the eager provider each benchmark's speed-up plot divides by (None: no sweep, no plots)
-BASELINES = {"proxy_attention": "published-eager", "prototype_update": "one_hot_einsum", "train_step": None}
+BASELINES = {"proxy_attention": "published-eager", "prototype_update": "one_hot_einsum", "train_step": None,
+             "backbones": None}
 
 
 def _run(name, tmp_path):

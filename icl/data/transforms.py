@@ -16,14 +16,15 @@ import numpy as np
 from scipy import ndimage
 
 
-def resize(image: np.ndarray, label: Optional[np.ndarray], size: Sequence[int]):
-    """Resize to ``size`` (bilinear/trilinear image, nearest label)."""
+def resize(image: np.ndarray, label: Optional[np.ndarray], size: Sequence[int], order: int = 1):
+    """Resize to ``size`` (image: bilinear/trilinear, or nearest with ``order=0`` as the
+    published 2D pipeline; label: nearest)."""
     size = tuple(int(s) for s in size)
     spatial = image.shape[1:]
     if tuple(spatial) == size:
         return image, label
     factors = [t / s for t, s in zip(size, spatial)]
-    out = np.stack([_zoom_to(c, factors, size, order=1) for c in image]).astype(np.float32)
+    out = np.stack([_zoom_to(c, factors, size, order=order) for c in image]).astype(np.float32)
     if label is not None:
         label = _zoom_to(label, factors, size, order=0).astype(np.int64)
     return out, label
@@ -52,12 +53,20 @@ def rot_flip(image, label, rng: np.random.Generator, axes: Tuple[int, int] = (0,
     return np.ascontiguousarray(image), (None if label is None else np.ascontiguousarray(label))
 
 
-def rotate(image, label, rng: np.random.Generator, max_angle: float = 20.0, axes=(0, 1)):
-    """A random rotation in [-max_angle, max_angle) degrees in the plane ``axes`` (size kept)."""
+def rotate(image, label, rng: np.random.Generator, max_angle: float = 20.0, axes=(0, 1), order: int = 1,
+           fill: str = "edge"):
+    """A random rotation in [-max_angle, max_angle) degrees in the plane ``axes`` (size kept).
+
+    Image: bilinear (``order=1``) or nearest (``order=0``); corners outside the
+    rotated image repeat the edge (``fill="edge"``) or are 0 (``fill="zero"``,
+    the published pipeline). Label: nearest, corners 0."""
+    if fill not in ("edge", "zero"):
+        raise ValueError(f"rotate: fill must be 'edge' or 'zero', got {fill!r}")
+    mode = "nearest" if fill == "edge" else "constant"
     angle = float(rng.uniform(-max_angle, max_angle))
     a0, a1 = axes
     image = np.stack(
-        [ndimage.rotate(c, angle, axes=(a0, a1), order=1, reshape=False, mode="nearest") for c in image]
+        [ndimage.rotate(c, angle, axes=(a0, a1), order=order, reshape=False, mode=mode, cval=0.0) for c in image]
     ).astype(np.float32)
     if label is not None:
         label = ndimage.rotate(label, angle, axes=(a0, a1), order=0, reshape=False, mode="constant", cval=0)
@@ -206,7 +215,10 @@ class TrainAugment:
     """The published training transforms.
 
     2D: with probability 1/2 a random rot90 + flip, else with probability 1/2 a
-    random rotation in [-20, 20) degrees; then resize to the patch.
+    random rotation in [-20, 20) degrees; then resize to the patch. Image
+    resampling: ``interpolation="linear"`` (default: bilinear) or ``"nearest"``
+    (published: ``zoom``/``rotate`` with order 0); rotated corners: ``fill="edge"``
+    (default) or ``"zero"`` (published). Labels are always nearest.
     3D: random rot90 (in the first two axes) + flip, then a random crop of the
     patch (padding axes that are too short).
     Then the optional intensity augmentations.
@@ -215,15 +227,24 @@ class TrainAugment:
     patch_size: Tuple[int, ...]
     intensity: Optional[IntensityAugment] = None
     max_angle: float = 20.0
+    interpolation: str = "linear"
+    fill: str = "edge"
+
+    def __post_init__(self):
+        if self.interpolation not in ("linear", "nearest"):
+            raise ValueError(f"TrainAugment: interpolation must be 'linear' or 'nearest', got {self.interpolation!r}")
+        if self.fill not in ("edge", "zero"):
+            raise ValueError(f"TrainAugment: fill must be 'edge' or 'zero', got {self.fill!r}")
 
     def __call__(self, image, label, rng: np.random.Generator):
         if len(self.patch_size) == 2:
+            order = 1 if self.interpolation == "linear" else 0
             u = rng.random()
             if u < 0.5:
                 image, label = rot_flip(image, label, rng)
             elif rng.random() < 0.5:
-                image, label = rotate(image, label, rng, self.max_angle)
-            image, label = resize(image, label, self.patch_size)
+                image, label = rotate(image, label, rng, self.max_angle, order=order, fill=self.fill)
+            image, label = resize(image, label, self.patch_size, order=order)
         else:
             image, label = rot_flip(image, label, rng)
             image, label = random_crop(image, label, self.patch_size, rng)

@@ -58,11 +58,11 @@ class Method:
 
     # -- model -------------------------------------------------------------
     def build_net(self, backend: Optional[str]) -> nn.Module:
-        from ..models import UNet2D, UNet3D
+        from ..models import build_backbone
 
         cfg = self.cfg
-        cls = UNet2D if len(cfg.patch_size) == 2 else UNet3D
-        return cls(cfg.in_channels, cfg.num_classes)
+        return build_backbone(cfg.arch, cfg.in_channels, cfg.num_classes, tuple(cfg.patch_size),
+                              **dict(cfg.model_options or {}))
 
     def backbone(self, net: nn.Module) -> nn.Module:
         return net
@@ -91,6 +91,12 @@ class Method:
     def load_state_dict(self, state: Dict) -> None:
         if state:
             raise ValueError(f"--method {self.name}: unexpected method state in the checkpoint ({sorted(state)})")
+
+
+def logits_of(net: nn.Module, x: Tensor) -> Tensor:
+    """A bare backbone's logits (the UNets also return their decoder maps in training mode)."""
+    out = net(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def ramp(iteration: int, length: float) -> float:

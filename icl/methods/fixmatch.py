@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, supervised_loss
+from .base import Method, logits_of, supervised_loss
 from .views import strong_view
 
 
@@ -22,9 +22,9 @@ class FixMatch(Method):
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
         L = x_lab.shape[0]
         with torch.no_grad():
-            weak = net(x_unlab, return_features=False)
+            weak = logits_of(net, x_unlab)
         strong, keep = strong_view(x_unlab)
-        logits = net(torch.cat([x_lab, strong]), return_features=False)
+        logits = logits_of(net, torch.cat([x_lab, strong]))
         return logits[:L], logits[L:], weak, keep
 
     def losses(self, out, y_lab, iteration):

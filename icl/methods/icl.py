@@ -42,9 +42,9 @@ class ICLMethod(Method):
         from ..models import build_model
 
         cfg = self.cfg
-        return build_model("unet2d" if len(cfg.patch_size) == 2 else "unet3d", cfg.in_channels, cfg.num_classes,
-                           tuple(cfg.patch_size), mixer=cfg.mixer, global_queries=cfg.global_queries,
-                           faithful=cfg.faithful, backend=backend, max_mixer_params=cfg.max_mixer_params)
+        return build_model(cfg.arch, cfg.in_channels, cfg.num_classes, tuple(cfg.patch_size), mixer=cfg.mixer,
+                           global_queries=cfg.global_queries, faithful=cfg.faithful, backend=backend,
+                           max_mixer_params=cfg.max_mixer_params, **dict(cfg.model_options or {}))
 
     def backbone(self, net):
         return net.backbone

@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .base import Method, ramp, supervised_loss
+from .base import Method, logits_of, ramp, supervised_loss
 from .views import gaussian_noise
 
 
@@ -33,9 +33,9 @@ class MeanTeacher(Method):
 
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
         L = x_lab.shape[0]
-        logits = net(torch.cat([x_lab, gaussian_noise(x_unlab)]), return_features=False)
+        logits = logits_of(net, torch.cat([x_lab, gaussian_noise(x_unlab)]))
         with torch.no_grad():
-            teacher = self.teacher(gaussian_noise(x_unlab), return_features=False)
+            teacher = logits_of(self.teacher, gaussian_noise(x_unlab))
         return logits[:L], logits[L:], teacher
 
     def losses(self, out, y_lab, iteration):

@@ -1,7 +1,7 @@
 """Supervised only: the labeled part of each batch, CE + Dice."""
 from __future__ import annotations
 
-from .base import Method, supervised_loss
+from .base import Method, logits_of, supervised_loss
 
 
 class Supervised(Method):
@@ -10,7 +10,7 @@ class Supervised(Method):
     default_weights = {"supervised": 1.0}
 
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
-        return net(x_lab, return_features=False)
+        return logits_of(net, x_lab)
 
     def losses(self, logits, y_lab, iteration):
         sup = supervised_loss(logits, y_lab, self.num_classes)

@@ -1,7 +1,9 @@
 """ICLNet: a backbone with the two ICL heads (SSPA, USCL), and ``build_model``.
 
 Backbone contract: ``backbone(x, return_features=True) -> (logits [B, K, *S],
-feats)`` with ``feats`` the list of maps the heads attach to (coarse to fine).
+feats)`` with ``feats`` the list of maps the heads attach to (coarse to fine);
+or any backbone whose ``forward(x)`` returns logits, with a ``FeatureTap``
+naming the submodules whose outputs are the maps (``icl.attach``).
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from torch import Tensor, nn
 
 import icl_kernels
 
+from .attach import SWINUNETR_FEATURES, FeatureTap, attach, build_backbone, set_patch_size, swinunetr_icl_layout
 from .head import ICLHead
-from .unet import UNet2D, UNet3D
 
 __all__ = ["ICLNet", "ICLOutputs", "build_model", "class_presence"]
 
@@ -69,6 +71,9 @@ class ICLNet(nn.Module):
             presence of that class in the image's labels; its prototypes are used
             detached.
         momentum: the memories' momentum.
+        feature_tap: a ``FeatureTap`` (see ``icl.attach``): the backbone is called
+            as ``backbone(x)`` and the maps are the outputs of the tap's
+            submodules; None: the backbone follows the contract above.
 
     Parameters that never receive a gradient in this flow are frozen
     (``requires_grad=False``): USCL's query output path (``attn.proj``, ``norm2``,
@@ -94,11 +99,13 @@ class ICLNet(nn.Module):
         spatial_dims: int = 2,
         drop_path: float = 0.02,
         max_mixer_params: Optional[int] = 50_000_000,
+        feature_tap: Optional[FeatureTap] = None,
     ) -> None:
         super().__init__()
         if global_queries not in ("batch", "memory"):
             raise ValueError(f"ICLNet: global_queries must be 'batch' or 'memory', got {global_queries!r}")
         self.backbone = backbone
+        self.feature_tap = feature_tap
         self.num_classes = int(num_classes)
         self.feature_channels = tuple(int(c) for c in feature_channels)
         self.global_queries = global_queries
@@ -132,9 +139,19 @@ class ICLNet(nn.Module):
         else:
             self.memories = None
 
+    def backbone_features(self, x: Tensor):
+        """(logits, feature maps) of the backbone on ``x``."""
+        if self.feature_tap is not None:
+            return self.feature_tap(self.backbone, x)
+        return self.backbone(x, return_features=True)
+
     def forward(self, x: Tensor, return_features: bool = False):
         """Inference: the backbone's logits only (``return_features``: also its feature maps)."""
-        return self.backbone(x, return_features=return_features)
+        if return_features:
+            return self.backbone_features(x)
+        if self.feature_tap is not None:
+            return self.backbone(x)
+        return self.backbone(x, return_features=False)
 
     def _global_queries(self, queries_lab: List[Tensor], labels_lab: Optional[Tensor]) -> List[Tensor]:
         if self.global_queries == "batch":
@@ -158,18 +175,18 @@ class ICLNet(nn.Module):
         features, so its maps must agree across the perturbation (one more
         backbone forward, no backward through it).
         """
-        logits_lab, feats_lab = self.backbone(x_lab, return_features=True)
+        logits_lab, feats_lab = self.backbone_features(x_lab)
         maps_lab, queries_lab = self.sspa(feats_lab)
         queries = self._global_queries(queries_lab, labels_lab)
         if x_unlab_strong is None:
-            logits_unlab, feats_unlab = self.backbone(x_unlab, return_features=True)
+            logits_unlab, feats_unlab = self.backbone_features(x_unlab)
             maps_unlab_sspa, _ = self.sspa(feats_unlab)
             maps_unlab, _ = self.uscl(feats_unlab, queries)
         else:
             with torch.no_grad():
-                logits_unlab, feats_weak = self.backbone(x_unlab, return_features=True)
+                logits_unlab, feats_weak = self.backbone_features(x_unlab)
                 maps_unlab_sspa, _ = self.sspa(feats_weak)
-            logits_strong, feats_strong = self.backbone(x_unlab_strong, return_features=True)
+            logits_strong, feats_strong = self.backbone_features(x_unlab_strong)
             maps_unlab, _ = self.uscl(feats_strong, queries)
             return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab,
                               logits_unlab_strong=logits_strong)
@@ -180,8 +197,8 @@ class ICLNet(nn.Module):
         return self.backbone.state_dict()
 
     def load_published_state_dict(self, state: Dict[str, Tensor], strict: bool = True) -> None:
-        """Load a published full ``UNet_icl``/``unet_3D_icl`` state_dict (backbone keys,
-        ``sspa.*``, ``uscl.*``); the heads must be ``faithful=True, mixer='mlp'``."""
+        """Load a published full ``UNet_icl``/``unet_3D_icl``/``SwinUNETR_icl`` state_dict
+        (backbone keys, ``sspa.*``, ``uscl.*``); the heads must be ``faithful=True, mixer='mlp'``."""
         back = {k: v for k, v in state.items() if not k.startswith(("sspa.", "uscl."))}
         self.backbone.load_state_dict(back, strict=strict)
         for name in ("sspa", "uscl"):
@@ -195,6 +212,7 @@ _ARCHS = {
     "unet2d": (2, (128, 64, 32), (8, 4, 2), (8, 4, 2)),
     "unet3d": (3, (256, 128, 64), (16, 8, 4), (16, 8, 4)),
 }
+ARCHS = ("unet2d", "unet3d", "swinunetr")
 
 
 def build_model(
@@ -208,35 +226,50 @@ def build_model(
     backend: Optional[str] = None,
     max_mixer_params: Optional[int] = 50_000_000,
     momentum: float = 0.99,
+    spatial_dims: Optional[int] = None,
+    **backbone_options,
 ) -> ICLNet:
-    """The published ICL model: ``"unet2d"`` (ICL on 128/64/32 ch at patch/8, /4, /2,
-    heads 8/4/2) or ``"unet3d"`` (256/128/64 ch at patch/16, /8, /4, heads 16/8/4)."""
-    if arch not in _ARCHS:
-        raise ValueError(f"build_model: arch must be one of {sorted(_ARCHS)}, got {arch!r}")
-    dims, chans, heads, strides = _ARCHS[arch]
+    """An ICL model by backbone name.
+
+    ``"unet2d"``: ICL on 128/64/32 ch at patch/8, /4, /2, heads 8/4/2;
+    ``"unet3d"``: 256/128/64 ch at patch/16, /8, /4, heads 16/8/4 (the published
+    UNets); ``"swinunetr"``: MONAI's SwinUNETR (extra ``monai``; 2D or 3D from
+    ``spatial_dims`` or ``len(patch_size)``; ``backbone_options`` go to
+    SwinUNETR, feature_size F default 48) with ICL where the published
+    ``SwinUNETR_icl`` puts it: on ``decoder5``, ``decoder4``, ``decoder3``
+    (8F/4F/2F ch at patch/16, /8, /4), heads ``num_heads[::-1][:3]``, attached
+    through ``icl.attach`` as any other backbone.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"build_model: arch must be one of {sorted(ARCHS)}, got {arch!r}")
     patch = tuple(int(p) for p in patch_size)
+    head_opts = dict(mixer=mixer, global_queries=global_queries, faithful=faithful, momentum=momentum,
+                     backend=backend, max_mixer_params=max_mixer_params)
+    if arch == "swinunetr":
+        dims = len(patch) if spatial_dims is None else int(spatial_dims)
+        if len(patch) != dims:
+            raise ValueError(f"build_model: swinunetr with spatial_dims={dims} needs a {dims}-D patch_size, got {patch}")
+        backbone = build_backbone("swinunetr", in_channels, num_classes, patch, spatial_dims=dims, **backbone_options)
+        chans, heads = swinunetr_icl_layout(backbone_options.get("feature_size", 48),
+                                            backbone_options.get("num_heads", (3, 6, 12, 24)))
+        sizes = [tuple(p // s for p in patch) for s in (16, 8, 4)]
+        return attach(backbone, num_classes, feature_modules=SWINUNETR_FEATURES, channels=chans, num_heads=heads,
+                      patch_size=patch, feature_sizes=sizes, spatial_dims=dims, **head_opts)
+    if backbone_options:
+        raise ValueError(f"build_model: {arch} takes no backbone options, got {sorted(backbone_options)}")
+    dims, chans, heads, strides = _ARCHS[arch]
+    if spatial_dims is not None and int(spatial_dims) != dims:
+        raise ValueError(f"build_model: {arch} is {dims}-D, got spatial_dims={spatial_dims}")
     if len(patch) != dims:
         raise ValueError(f"build_model: {arch} needs a {dims}-D patch_size, got {patch}")
     if any(p <= 0 or p % 16 for p in patch):
         raise ValueError(
             f"build_model: every patch_size entry must be a positive multiple of 16 (the {arch} downsampling), got {patch}"
         )
-    backbone = UNet2D(in_channels, num_classes) if dims == 2 else UNet3D(in_channels, num_classes)
+    backbone = build_backbone(arch, in_channels, num_classes)
     sizes = [tuple(p // s for p in patch) for s in strides]
-    net = ICLNet(
-        backbone,
-        chans,
-        num_classes,
-        heads,
-        feature_sizes=sizes,
-        mixer=mixer,
-        global_queries=global_queries,
-        faithful=faithful,
-        momentum=momentum,
-        backend=backend,
-        spatial_dims=dims,
-        max_mixer_params=max_mixer_params,
-    )
+    net = ICLNet(backbone, chans, num_classes, heads, feature_sizes=sizes, spatial_dims=dims, **head_opts)
     # the training patch: what icl.predict resizes slices to / slides windows of by default
-    net.patch_size = backbone.patch_size = tuple(int(p) for p in patch_size)
+    net.patch_size = patch
+    set_patch_size(backbone, patch)
     return net
