@@ -220,10 +220,17 @@ def shape_sets(device: torch.device, quick: bool):
     return sets
 
 
+def shape_selected(label: str, only: Optional[str]) -> bool:
+    """--only: comma-separated label fragments, any of which selects the shape."""
+    return not only or any(part and part in label for part in only.split(","))
+
+
 def main() -> None:
     args = common.parse_args(
         __doc__.splitlines()[0],
-        lambda p: (p.add_argument("--only", default=None, help="measure only shapes whose label contains this text"),
+        lambda p: (p.add_argument("--only", default=None,
+                                  help="measure only shapes whose label contains this text "
+                                       "(comma-separated: any of them)"),
                    p.add_argument("--providers", default=None, help="comma-separated provider names to run")),
     )
     device, dtype = args.device, args.dtype
@@ -238,7 +245,7 @@ def main() -> None:
         wanted = set(args.providers.split(","))
         table = {k: v for k, v in table.items() if k in wanted}
     for label, levels, B, K in shape_sets(device, args.quick):
-        if args.only and args.only not in label:
+        if not shape_selected(label, args.only):
             continue
         if len(levels) == 1:
             N, C, H = levels[0]
