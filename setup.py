@@ -4,7 +4,9 @@ Build against the torch you run (C++ ABI): ``pip install --no-build-isolation -e
 
 Environment:
   ICL_BUILD_CUDA=0|1     force the CUDA kernels off / on (default: on when a CUDA
-                         build of torch and a CUDA toolkit are found; no GPU needed)
+                         build of torch and a CUDA toolkit of the same major version
+                         are found; no GPU needed; another major version: CPU-only
+                         build with a message saying why)
   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0+PTX": A100, H100, PTX for newer)
   CUDA_HOME              the toolkit, when it is not found by itself
   MAX_JOBS               parallel compile jobs (ninja)
@@ -64,12 +66,34 @@ def find_cuda_home(torch_cuda: str | None) -> str | None:
         except OSError:
             pass
     candidates = sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda", "/opt/cuda"]
-    if torch_cuda:  # prefer the toolkit matching torch's CUDA version
-        candidates.sort(key=lambda p: not p.endswith(torch_cuda))
+    if torch_cuda:  # prefer the toolkit matching torch's CUDA version, then its major version
+        major = torch_cuda.split(".")[0]
+        candidates.sort(key=lambda p: (not p.endswith(torch_cuda), not os.path.basename(p).startswith(f"cuda-{major}.")))
     for root in candidates:
         if _toolkit_ok(root):
             return root
     return None
+
+
+def toolkit_version(root: str) -> str | None:
+    """The toolkit's CUDA version ("13.0"), from version.json or `nvcc --version`; None if unknown."""
+    try:
+        import json
+
+        with open(os.path.join(root, "version.json")) as fh:
+            v = json.load(fh)["cuda"]["version"]
+        return ".".join(v.split(".")[:2])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        import subprocess
+
+        out = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+        m = re.search(r"release (\d+\.\d+)", out)
+        return m.group(1) if m else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def wheel_cuda_include_dirs() -> list[str]:
@@ -95,6 +119,28 @@ def write_build_info(**info) -> None:
         log(f"could not write {path}: {exc}")
 
 
+def cuda_decision(want, torch_version, torch_cuda, cuda_home, toolkit, cuda_sources) -> tuple[bool, str]:
+    """(build the CUDA kernels?, why) from what was found; ICL_BUILD_CUDA=1 turns a no into an error."""
+    if want == "0":
+        return False, "ICL_BUILD_CUDA=0"
+    elif not torch_cuda:
+        return False, f"torch {torch_version} is a CPU-only build"
+    elif cuda_home is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    elif not cuda_sources:
+        return False, "no CUDA sources in csrc/cuda"
+    elif (toolkit or torch_cuda).split(".")[0] != torch_cuda.split(".")[0]:
+        # torch's CUDA extension check refuses a toolkit of another major version
+        # (and the kernels would not load): build the CPU kernels instead of failing.
+        return False, (
+            f"the toolkit at {cuda_home} is CUDA {toolkit} but torch {torch_version} "
+            f"was built with CUDA {torch_cuda}: major versions differ (set CUDA_HOME to a CUDA "
+            f"{torch_cuda.split('.')[0]}.x toolkit to build the CUDA kernels)"
+        )
+    else:
+        return True, f"torch {torch_version} (CUDA {torch_cuda}) and toolkit {cuda_home}"
+
+
 def extension_modules():
     if os.environ.get("ICL_BUILD_NO_EXT", "0") == "1":
         log("ICL_BUILD_NO_EXT=1: not building the C++/CUDA extension")
@@ -106,16 +152,8 @@ def extension_modules():
     want = os.environ.get("ICL_BUILD_CUDA")
     cuda_home = find_cuda_home(torch_cuda) if torch_cuda else None
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    if want == "0":
-        build_cuda, why = False, "ICL_BUILD_CUDA=0"
-    elif not torch_cuda:
-        build_cuda, why = False, f"torch {torch.__version__} is a CPU-only build"
-    elif cuda_home is None:
-        build_cuda, why = False, "no CUDA toolkit found (set CUDA_HOME)"
-    elif not cuda_sources:
-        build_cuda, why = False, "no CUDA sources in csrc/cuda"
-    else:
-        build_cuda, why = True, f"torch {torch.__version__} (CUDA {torch_cuda}) and toolkit {cuda_home}"
+    toolkit = toolkit_version(cuda_home) if cuda_home else None
+    build_cuda, why = cuda_decision(want, torch.__version__, torch_cuda, cuda_home, toolkit, cuda_sources)
     if want == "1" and not build_cuda:
         raise SystemExit(f"[icl_kernels build] ICL_BUILD_CUDA=1 but CUDA cannot be built: {why}")
     if build_cuda:
@@ -127,6 +165,8 @@ def extension_modules():
         CUDA_REASON=why,
         CUDA_DISABLED_BY_ENV=want == "0",
         CUDA_HOME=cuda_home,
+        CUDA_TOOLKIT_VERSION=toolkit,
+        CUDA_TOOLKIT_MISMATCH=bool(torch_cuda and toolkit and toolkit.split(".")[0] != torch_cuda.split(".")[0]),
         CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None,
         CUDA_SOURCES=cuda_sources,
         TORCH_VERSION=torch.__version__,

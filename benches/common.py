@@ -2,7 +2,9 @@
 
 Every benchmark writes rows with exactly the columns in ``COLUMNS``. A provider
 that cannot run a shape still writes a row: empty numbers and the reason in
-``unit`` (``oom``, ``unsupported: ...``, ``error: ...``).
+``unit`` (``oom``, ``unsupported: ...``, ``error: ...``). Rows of metric
+``precision`` carry no numbers: their unit (``info: ...``) says in which dtype
+the inputs and the kernels of that provider ran.
 """
 from __future__ import annotations
 

@@ -120,15 +120,29 @@ class Case:
         for N, C, H in levels:
             mod = factory(C, H)
             mod = mod.to(device=device)
-            q = torch.randn(B, K, C, generator=g).to(device).requires_grad_()
+            # Activations in the run's dtype (parameters stay float32, under autocast):
+            # in a bf16 run the fused kernels then run in bf16 and read 2-byte tokens,
+            # as bytes_moved assumes (float32 tokens would make them run in float32).
+            q = torch.randn(B, K, C, generator=g).to(device, dtype).requires_grad_()
             # tokens as a model makes them: a [B, C, N] map viewed as [B, N, C]
-            x = torch.randn(B, C, N, generator=g).to(device).transpose(1, 2).requires_grad_()
-            g_out = torch.randn(B, K, C, generator=g).to(device)
-            g_attn = torch.randn(B, K, H, N, generator=g).to(device)
+            x = torch.randn(B, C, N, generator=g).to(device, dtype).transpose(1, 2).requires_grad_()
+            g_out = torch.randn(B, K, C, generator=g).to(device, dtype)
+            g_attn = torch.randn(B, K, H, N, generator=g).to(device, dtype)
             self.items.append((mod, q, x, g_out, g_attn))
         self.dtype = dtype
         self.device = device
         self.graph_outputs = None
+
+    def precision(self, provider: str) -> str:
+        """What actually runs, written to the CSV next to the timings (metric "precision")."""
+        if self.dtype == torch.float32:
+            return "info: float32 inputs and parameters, no autocast"
+        name = str(self.dtype).replace("torch.", "")
+        out = f"info: {name} inputs, float32 parameters, autocast {name}"
+        mod, _, x, _, _ = self.items[0]
+        if provider.startswith("icl-") and provider != "icl-torch":
+            out += f"; fused kernel runs in {x.dtype}".replace("torch.", "")
+        return out
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -206,10 +220,17 @@ def shape_sets(device: torch.device, quick: bool):
     return sets
 
 
+def shape_selected(label: str, only: Optional[str]) -> bool:
+    """--only: comma-separated label fragments, any of which selects the shape."""
+    return not only or any(part and part in label for part in only.split(","))
+
+
 def main() -> None:
     args = common.parse_args(
         __doc__.splitlines()[0],
-        lambda p: (p.add_argument("--only", default=None, help="measure only shapes whose label contains this text"),
+        lambda p: (p.add_argument("--only", default=None,
+                                  help="measure only shapes whose label contains this text "
+                                       "(comma-separated: any of them)"),
                    p.add_argument("--providers", default=None, help="comma-separated provider names to run")),
     )
     device, dtype = args.device, args.dtype
@@ -224,7 +245,7 @@ def main() -> None:
         wanted = set(args.providers.split(","))
         table = {k: v for k, v in table.items() if k in wanted}
     for label, levels, B, K in shape_sets(device, args.quick):
-        if args.only and args.only not in label:
+        if not shape_selected(label, args.only):
             continue
         if len(levels) == 1:
             N, C, H = levels[0]
@@ -242,6 +263,8 @@ def main() -> None:
                     continue
                 try:
                     case = Case(factory, levels, B, K, dtype, device)
+                    if not use_graph:
+                        rec.add(prov, "fwd+bwd", shape, dtype, "precision", case.precision(prov))
                     for mode in ("fwd", "bwd", "fwd+bwd"):
                         if mode == "fwd":
                             fn = lambda: case.forward()

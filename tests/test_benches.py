@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "metric", "unit", "p50", "p20", "p80", "device",
            "torch_version", "triton_version", "git_commit", "timestamp"]
 NUMBERS = ("p50", "p20", "p80")
-REASON_PREFIXES = ("unsupported", "skipped", "oom", "error")
+REASON_PREFIXES = ("unsupported", "skipped", "oom", "error", "info")
 # the eager provider each benchmark's speed-up plot divides by (None: no sweep, no plots)
 BASELINES = {"proxy_attention": "published-eager", "prototype_update": "one_hot_einsum", "train_step": None,
              "backbones": None}

@@ -145,6 +145,8 @@ def test_cuda_built_whenever_possible():
         pytest.skip(f"torch {torch.__version__} is a CPU-only build")
     if not toolkit_present():
         pytest.skip("no CUDA toolkit on this machine")
+    if info is not None and getattr(info, "CUDA_TOOLKIT_MISMATCH", False) and os.environ.get("ICL_EXPECT_CUDA") != "1":
+        pytest.skip(f"CPU-only build by design: {info.CUDA_REASON}")
     reason = f" (setup.py said: {info.CUDA_REASON})" if info is not None else ""
     assert has_cuda_kernel(OPS[0]), "torch has CUDA and a toolkit exists, but no CUDA kernels were built" + reason
 
@@ -208,3 +210,34 @@ def test_cuda_backend_reports_why_it_cannot_run():
         assert "no GPU" in reason
     else:
         assert "without CUDA kernels" in reason
+
+
+def _setup_functions():
+    """setup.py's helper functions, without running setup()."""
+    import ast
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    with open(path) as fh:
+        tree = ast.parse(fh.read())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
+            or (isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and t.id == "HERE" for t in n.targets))]
+    ns = {"__file__": path}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)
+    return ns
+
+
+def test_setup_falls_back_to_cpu_on_a_toolkit_of_another_major_version(tmp_path):
+    ns = _setup_functions()
+    root = tmp_path / "cuda-12.4"
+    root.mkdir()
+    (root / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "12.4.1"}}')
+    assert ns["toolkit_version"](str(root)) == "12.4"
+    decide = ns["cuda_decision"]
+    ok, why = decide(None, "2.11.0", "13.0", str(root), "12.4", ["csrc/cuda/x.cu"])
+    assert not ok and "major versions differ" in why and "12.4" in why and "13.0" in why
+    ok, why = decide(None, "2.11.0", "13.0", str(root), "13.1", ["csrc/cuda/x.cu"])
+    assert ok, why
+    ok, why = decide(None, "2.11.0", "13.0", str(root), None, ["csrc/cuda/x.cu"])  # version unknown: try
+    assert ok, why
+    ok, why = decide("0", "2.11.0", "13.0", str(root), "13.0", ["csrc/cuda/x.cu"])
+    assert not ok and why == "ICL_BUILD_CUDA=0"

@@ -228,6 +228,49 @@ def test_backend_kernels_match_torch_kernels(backend, layout):
         close(a, b)
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs Triton's interpreter")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_many_classes_in_several_blocks(dtype):
+    """K = 150 classes: the forward splits them over programs (blocks of <= 64), the
+    probs backward loops over blocks of <= 32; against the torch backend's kernels."""
+    from icl_kernels import backends
+    from icl_kernels.triton import prototype_update as tpu
+
+    gen = torch.Generator().manual_seed(16)
+    Kc, Cc, N = 150, 20, 48
+    assert tpu._forward_blocks(Kc, Cc, dtype, False, False).num_kb(Kc) > 1
+    assert tpu._probs_backward_blocks(Kc, Cc, dtype).num_kb(Kc) > 1
+    feats = make_features(2, (N,), "contiguous", gen, dtype=dtype, channels=Cc)
+    labels = torch.randint(0, Kc, (2, N), generator=gen)
+    labels[:, ::7] = -100
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.rand(2, N, generator=gen, dtype=torch.float64).to(acc)
+    probs = torch.softmax(torch.randn(2, Kc, N, generator=gen, dtype=torch.float64), 1).to(dtype)
+    G = torch.randn(Kc, Cc, generator=gen, dtype=torch.float64).to(acc)
+    gt = torch.randn(Kc, generator=gen, dtype=torch.float64).to(acc)
+    fwd, bwd = backends.resolve(OP, "triton", feats.device).kernels(OP)
+    fwd_r, bwd_r = backends.resolve(OP, "torch", feats.device).kernels(OP)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for deterministic in (True, False):
+        for w in (None, weights):
+            for a, b in zip(fwd(feats, labels, w, None, Kc, -100, True, deterministic),
+                            fwd_r(feats, labels, w, None, Kc, -100, True, deterministic)):
+                close(a, b, **tol)
+        for a, b in zip(fwd(feats, None, None, probs, Kc, -100, False, deterministic),
+                        fwd_r(feats, None, None, probs, Kc, -100, False, deterministic)):
+            close(a, b, **tol)
+    for need_f, need_p in ((True, True), (True, False), (False, True)):
+        out = bwd(G, gt, feats, None, None, probs, -100, need_f, need_p)
+        ref = bwd_r(G, gt, feats, None, None, probs, -100, need_f, need_p)
+        for a, b in zip(out, ref):
+            if b is not None:
+                close(a, b, **tol)
+    bad = labels.clone()
+    bad[1, 5] = Kc + 3
+    with pytest.raises(ValueError, match="labels"):
+        fwd(feats, bad, None, None, Kc, -100, True, True)
+
+
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
 def test_gradcheck(backend):
     gen = torch.Generator().manual_seed(4)

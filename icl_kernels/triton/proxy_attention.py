@@ -161,7 +161,7 @@ def _fwd_kernel(
                                 HAS_EPS, BLOCK_C, ACC).to(DOT)
                 a_c = tl.load(A_base + m_offs[:, None] * C + cols[None, :],
                               mask=m_mask[:, None] & (cols < C)[None, :], other=0.0).to(DOT)
-                s = tl.dot(a_c, tl.trans(xd), acc=s, input_precision=PREC)
+                s = tl.dot(a_c, tl.trans(xd), acc=s, input_precision=PREC, out_dtype=ACC)
         s = s + bias[:, None]
         tl.store(s_rows[:, None] + n64[None, :], s.to(S_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
@@ -325,11 +325,11 @@ def _bwd_kernel(
                                       HAS_EPS, BLOCK_C, ACC).to(DOT)
                     a_k = tl.load(A_base + m_offs[:, None] * C + cols[None, :], mask=cm,
                                   other=0.0).to(DOT)
-                    s = tl.dot(a_k, tl.trans(xd_k), acc=s, input_precision=PREC)
+                    s = tl.dot(a_k, tl.trans(xd_k), acc=s, input_precision=PREC, out_dtype=ACC)
                     if HAS_DZ:
                         dz_k = tl.load(dZ_base + m_offs[:, None] * C + cols[None, :], mask=cm,
                                        other=0.0).to(DOT)
-                        dp = tl.dot(dz_k, tl.trans(xd_k), acc=dp, input_precision=PREC)
+                        dp = tl.dot(dz_k, tl.trans(xd_k), acc=dp, input_precision=PREC, out_dtype=ACC)
 
             valid = m_mask[:, None] & n_mask[None, :]
             # Padding rows/tokens get P = 0 (exp(-inf)), hence dS = 0: they add nothing below.
@@ -358,9 +358,9 @@ def _bwd_kernel(
                     ap = pdA_base + m_offs[:, None] * C + c_ar[None, :]
                     da += tl.load(ap, mask=blk_mask & not_first_tile, other=0.0)
                     tl.store(ap, da, mask=blk_mask)
-                dxh = tl.dot(tl.trans(dsd), a_blk, acc=dxh, input_precision=PREC)
+                dxh = tl.dot(tl.trans(dsd), a_blk, acc=dxh, input_precision=PREC, out_dtype=ACC)
                 if HAS_DZ:
-                    dxh = tl.dot(tl.trans(pd), dz_blk, acc=dxh, input_precision=PREC)
+                    dxh = tl.dot(tl.trans(pd), dz_blk, acc=dxh, input_precision=PREC, out_dtype=ACC)
             else:
                 for k in range(NUM_CC):
                     cols = k * BLOCK_C + c_ar
@@ -370,18 +370,18 @@ def _bwd_kernel(
                                       HAS_EPS, BLOCK_C, ACC).to(DOT)
                     ap = pdA_base + m_offs[:, None] * C + cols[None, :]
                     da = tl.load(ap, mask=cm & not_first_tile, other=0.0)
-                    da = tl.dot(dsd, xd_k, acc=da, input_precision=PREC)
+                    da = tl.dot(dsd, xd_k, acc=da, input_precision=PREC, out_dtype=ACC)
                     tl.store(ap, da, mask=cm)
                     a_k = tl.load(A_base + m_offs[:, None] * C + cols[None, :], mask=cm,
                                   other=0.0).to(DOT)
                     sp = scr_base + t_ar[:, None] * C + cols[None, :]
                     smask = (t_ar < BLOCK_N)[:, None] & cmask[None, :]
                     part = tl.load(sp, mask=smask & (mc > 0), other=0.0)
-                    part = tl.dot(tl.trans(dsd), a_k, acc=part, input_precision=PREC)
+                    part = tl.dot(tl.trans(dsd), a_k, acc=part, input_precision=PREC, out_dtype=ACC)
                     if HAS_DZ:
                         dz_k = tl.load(dZ_base + m_offs[:, None] * C + cols[None, :], mask=cm,
                                        other=0.0).to(DOT)
-                        part = tl.dot(tl.trans(pd), dz_k, acc=part, input_precision=PREC)
+                        part = tl.dot(tl.trans(pd), dz_k, acc=part, input_precision=PREC, out_dtype=ACC)
                     tl.store(sp, part, mask=smask)
             if not DA_IN_REGS:
                 # Partials and scratch written above are re-read by other threads of this program.

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# First contact with a GPU: build, GPU tests, kernel benchmarks -> OUTDIR (see benches/gpu_check.py).
+#   bash benches/gpu_check.sh [OUTDIR] [--quick] [--dry-run] [--no-build]
+# PYTHON selects the interpreter (default: python3, else python).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+exec "$PY" -m benches.gpu_check "$@"
