@@ -44,6 +44,10 @@ METHODS: Dict[str, tuple] = {
     "icl-ws": ("ICL, weak-strong views", ["--method", "icl", "--icl-views", "weak-strong"], "budget"),
     "icl-ws-all": ("ICL, weak-strong views incl. the backbone",
                    ["--method", "icl", "--icl-views", "weak-strong-all"], "budget"),
+    "icl-rampup": ("ICL, consistency ramp-up over 40% of the iterations",
+                   ["--method", "icl", "--consistency-rampup", "400"], "budget"),
+    "icl-memory": ("ICL, prototype memory as USCL's queries", ["--method", "icl", "--global-queries", "memory"],
+                   "budget"),
     "icl-ws-memory": ("ICL, weak-strong views, prototype memory",
                       ["--method", "icl", "--icl-views", "weak-strong", "--global-queries", "memory"], "budget"),
     "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
@@ -163,14 +167,17 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
             raise RuntimeError(f"{method} seed {seed}: icl train exited {proc.returncode}; see {run_dir}/stdout.log")
         with open(metrics_path) as fh:
             done = json.load(fh)
+        ran = {"wall_s": wall, "threads": args.threads, "git_commit": _git_commit(),
+               "timestamp": _dt.datetime.now().isoformat(timespec="seconds")}
         with open(os.path.join(run_dir, "wall.json"), "w") as fh:
-            json.dump({"wall_s": wall, "threads": args.threads}, fh)
-    else:
+            json.dump(ran, fh)
+    else:  # a finished run from an earlier invocation: report what it recorded
         try:
             with open(os.path.join(run_dir, "wall.json")) as fh:
-                wall = json.load(fh)["wall_s"]
+                ran = json.load(fh)
+            wall = ran["wall_s"]
         except (OSError, KeyError, ValueError):
-            wall = float("nan")
+            ran, wall = {}, float("nan")
     # per contrast family, from the per-case results
     family = meta["test_contrast"]
     per_case: Dict[str, List[float]] = {}
@@ -191,10 +198,9 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
            "dice_wm": pc["2"]["dice"], "dice_t1": fam("t1"), "dice_other": fam("other"),
            "hd95_mean": float(np.mean([pc["1"]["hd95"], pc["2"]["hd95"]])),
            "best_iteration": (done.get("best") or {}).get("iteration"), "iterations": done.get("iteration"),
-           "wall_s": round(wall, 1) if wall is not None else "", "threads": args.threads,
+           "wall_s": round(wall, 1) if wall is not None else "", "threads": ran.get("threads", ""),
            "it_per_s": round(done.get("iteration", 0) / wall, 2) if wall else "",
-           "git_commit": _git_commit(), "machine": _machine(),
-           "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
+           "git_commit": ran.get("git_commit", ""), "machine": _machine(), "timestamp": ran.get("timestamp", ""),
            "command": " ".join(shlex.quote(c) for c in cmd[1:])}
     log(f"[{method} budget {budget} seed {seed}] test Dice {row['dice_mean']:.4f} "
         f"(T1-like {row['dice_t1']:.4f}, other contrast {row['dice_other']:.4f}), {row['wall_s']} s")

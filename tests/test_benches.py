@@ -125,3 +125,31 @@ def test_check_csv_rejects(bad, message, tmp_path):
         check_csv("train_step", COLUMNS, [_row(), _row(provider="q", **bad)], tmp_path)
     with pytest.raises(AssertionError):
         check_csv("train_step", list(reversed(COLUMNS)), [_row()], tmp_path)
+
+
+def test_ssl_benchmark_quick(tmp_path):
+    """`python -m benches.ssl --quick`: every method trains, the table, CSV and plot are
+    written, and a second invocation reuses the finished runs instead of retraining."""
+    pytest.importorskip("nilearn", reason="the population is built from the template in the nilearn wheel")
+    out = tmp_path / "ssl"
+    cmd = [sys.executable, "-m", "benches.ssl", "--quick", "--seeds", "1", "--jobs", "2", "--out", str(out),
+           "--csv", str(tmp_path / "runs.csv"), "--plot", str(tmp_path / "ssl.png"),
+           "--methods", "supervised,mean-teacher,fixmatch,icl,icl-ws,full"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(tmp_path / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]
+    for r in rows:
+        assert 0.0 <= float(r["dice_mean"]) <= 1.0 and float(r["wall_s"]) > 0 and r["command"].startswith("-m icl train")
+        assert r["threads"] == "1"
+    assert int(rows[-1]["labeled_slices"]) > int(rows[0]["labeled_slices"])  # "full" labels every slice
+    summary = (out / "summary.md").read_text()
+    assert "FixMatch" in summary and "fully supervised" in summary and (tmp_path / "ssl.png").is_file()
+    t0 = os.path.getmtime(out / "runs" / "supervised-b2-s0" / "metrics.json")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    assert os.path.getmtime(out / "runs" / "supervised-b2-s0" / "metrics.json") == t0  # reused
+    bad = subprocess.run([sys.executable, "-m", "benches.ssl", "--methods", "bogus"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--methods" in bad.stderr
