@@ -59,9 +59,7 @@ class Env:
     timestamp: str
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_model() -> str:
     model = platform.processor() or "cpu"
     try:
         with open("/proc/cpuinfo") as fh:
@@ -71,7 +69,23 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return model
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def environment(device: torch.device) -> Env:
@@ -81,14 +95,7 @@ def environment(device: torch.device) -> Env:
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return Env(device_name(device), torch.__version__, triton_version, commit,
+    return Env(device_name(device), torch.__version__, triton_version, git_commit(),
                _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 

@@ -24,7 +24,6 @@ import csv
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -60,24 +59,15 @@ COLUMNS = ["method", "seed", "labeled_slices", "dice_mean", "dice_gm", "dice_wm"
 
 
 def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
-    except Exception:
-        return ""
+    from .common import git_commit
+
+    return git_commit()
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    from .common import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

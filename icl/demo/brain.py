@@ -106,12 +106,10 @@ def build(root: str, size: int = 96, slab: int = 10, gap: int = 3, seed: int = 0
 
     meta_path = os.path.join(root, "meta.json")
     params = {"size": size, "slab": slab, "gap": gap, "seed": seed, "min_tissue": min_tissue, "version": BUILD_VERSION}
-    if not force and os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        if meta.get("params") == params:
-            log(f"reusing the demo data set in {root}")
-            return meta
+    meta = None if force else cached_meta(root, params)
+    if meta is not None:
+        log(f"reusing the demo data set in {root}")
+        return meta
     vol = load_template()
     t1, gm, wm = vol["t1"], vol["gm"], vol["wm"]
     brain = t1 > 0
@@ -197,6 +195,17 @@ def build(root: str, size: int = 96, slab: int = 10, gap: int = 3, seed: int = 0
         json.dump(meta, fh, indent=2)
     log(f"built the demo data set in {root}: {meta['counts']}")
     return meta
+
+
+def cached_meta(root: str, params: Dict) -> Optional[Dict]:
+    """``<root>/meta.json`` when it records exactly ``params`` (a data set built
+    with the same settings), else None."""
+    meta_path = os.path.join(root, "meta.json")
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    return meta if meta.get("params") == params else None
 
 
 def _read(root: str, rel: str) -> Tuple[np.ndarray, np.ndarray]:

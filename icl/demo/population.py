@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .brain import load_template
+from .brain import cached_meta, load_template
 
 BUILD_VERSION = 1
 CLASS_NAMES = ["background", "grey matter", "white matter"]
@@ -228,12 +228,10 @@ def build_population(root: str, spec: Optional[PopulationSpec] = None, force: bo
     spec = (spec or PopulationSpec()).validate()
     meta_path = os.path.join(root, "meta.json")
     params = spec.params()
-    if not force and os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        if meta.get("params") == params:
-            log(f"reusing the population in {root}")
-            return meta
+    meta = None if force else cached_meta(root, params)
+    if meta is not None:
+        log(f"reusing the population in {root}")
+        return meta
     tpl = _template()
     os.makedirs(os.path.join(root, "data", "slices"), exist_ok=True)
     subjects: List[Tuple[str, str, int, bool]] = [("sub000", "labeled", spec.train_slices, True)]
