@@ -38,7 +38,7 @@ NO_GPU = not torch.cuda.is_available()
     (["--base-lr", "-1"], ["--base-lr"]),
     (["--target-spacing", "1", "1"], ["--target-spacing", "3 values"]),
     (["--device", "tpu"], ["--device 'tpu'"]),
-    (["--device", "cuda:7"] if not NO_GPU else ["--device", "cuda"], ["--device cuda"]),
+    (["--device", "cuda:99"] if not NO_GPU else ["--device", "cuda"], ["--device cuda"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
 ])
 def test_bad_training_options_refused_before_training(acdc, tmp_path, capsys, extra, needles):
