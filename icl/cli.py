@@ -223,8 +223,13 @@ def _splits_for(ckpt: Dict, source, split: str) -> List[str]:
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt["path"])))
     rec = os.path.join(run_dir, "splits.json")
     if os.path.isfile(rec):
-        with open(rec) as f:
-            d = json.load(f)
+        try:
+            with open(rec) as f:
+                d = json.load(f)
+        except (OSError, ValueError) as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{rec}: cannot read the run's splits ({exc})") from None
         key = {"train": "train_cases"}.get(split, split)
         if d.get(key):
             return list(d[key])
@@ -241,8 +246,6 @@ def _splits_for(ckpt: Dict, source, split: str) -> List[str]:
 
 
 def cmd_evaluate(args) -> int:
-    import torch
-
     from . import checkpoint as C
     from .data import build_source
     from .evaluate import evaluate_cases, json_ready, write_results
@@ -344,7 +347,6 @@ def _nifti_groups(files: Sequence[str], in_channels: int):
 
 def cmd_predict(args) -> int:
     import numpy as np
-    import torch
     from tqdm import tqdm
 
     from . import checkpoint as C
@@ -410,6 +412,10 @@ def cmd_export(args) -> int:
     from .rundir import ensure_file_parent
 
     ensure_file_parent(args.out)
+    if os.path.exists(args.out) and os.path.realpath(args.out) == os.path.realpath(args.checkpoint):
+        from .errors import ConfigError
+
+        raise ConfigError(f"--out {args.out}: is the --checkpoint itself; the export would replace it")
     ck = C.load(args.checkpoint)
     C.export_backbone(ck, args.out)
     mc = ck["model_config"]

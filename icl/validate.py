@@ -179,6 +179,8 @@ def check_options(cfg) -> None:
     if cfg.ct_window is not None:
         w = list(cfg.ct_window)
         need(len(w) == 2 and w[0] < w[1], f"--ct-window {' '.join(map(str, w))}: give LOW HIGH with LOW < HIGH")
+    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
+        raise ConfigError(f"--cache-dir {cfg.cache_dir}: exists and is not a folder")
     if cfg.in_channels is not None:
         need(cfg.in_channels >= 1, f"--in-channels must be positive, got {cfg.in_channels}")
     if cfg.resume not in (None, False, "", "none") and getattr(cfg, "overwrite", False):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from icl.data import DataError, TrainDataset, make_synthetic, read_h5
+from icl.data import DataError, make_synthetic, read_h5
 from icl.errors import one_line, unwrap_worker_message
 from reliability_helpers import TRAIN, fingerprint, make_checkpoint, one_line_error, run, run_subprocess
 

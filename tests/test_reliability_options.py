@@ -38,7 +38,7 @@ NO_GPU = not torch.cuda.is_available()
     (["--base-lr", "-1"], ["--base-lr"]),
     (["--target-spacing", "1", "1"], ["--target-spacing", "3 values"]),
     (["--device", "tpu"], ["--device 'tpu'"]),
-    (["--device", "cuda:7"] if not NO_GPU else ["--device", "cuda"], ["--device cuda"]),
+    (["--device", "cuda:99"] if not NO_GPU else ["--device", "cuda"], ["--device cuda"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
 ])
 def test_bad_training_options_refused_before_training(acdc, tmp_path, capsys, extra, needles):
@@ -160,3 +160,11 @@ def test_synthetic_options(tmp_path, capsys, argv, needles):
 def test_subprocess_exit_code_and_single_line(acdc, tmp_path):
     r = run_subprocess(_train(acdc, tmp_path / "run", "--num-workers", "-1"), timeout=600)
     one_line_error(r.returncode, r.stderr, "icl train: error: --num-workers must be 0 or more, got -1")
+
+
+def test_export_onto_its_own_checkpoint_refused(tmp_path, capsys):
+    ck = make_checkpoint(tmp_path / "w.pt")
+    before = fingerprint(tmp_path)
+    code, err = run(["export", "--checkpoint", ck, "--out", ck], capsys)
+    one_line_error(code, err, "--checkpoint itself")
+    assert fingerprint(tmp_path) == before

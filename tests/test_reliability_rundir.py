@@ -2,7 +2,6 @@
 --overwrite says what to do (and --overwrite replaces every file of the old run, best.pt
 included); stale .<name>.tmp<pid> files of killed saves are removed when a run starts."""
 import json
-import os
 import subprocess
 import sys
 
