@@ -7,7 +7,6 @@ run the compiled kernels on CUDA tensors.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
