@@ -263,8 +263,6 @@ def main() -> None:
                     continue
                 try:
                     case = Case(factory, levels, B, K, dtype, device)
-                    if not use_graph:
-                        rec.add(prov, "fwd+bwd", shape, dtype, "precision", case.precision(prov))
                     for mode in ("fwd", "bwd", "fwd+bwd"):
                         if mode == "fwd":
                             fn = lambda: case.forward()
@@ -283,6 +281,8 @@ def main() -> None:
                             rec.add(prov, mode, shape, dtype, "peak_memory", "MiB", (mem, mem, mem))
                         elif device.type == "cpu" and mode == "fwd+bwd":
                             rec.add(prov, mode, shape, dtype, "peak_memory", "unsupported: no CPU allocator statistics")
+                    if not use_graph:  # what ran (after it ran: a failing provider gets its error row only)
+                        rec.add(prov, "fwd+bwd", shape, dtype, "precision", case.precision(prov))
                     del case
                 except Exception as exc:  # a provider that cannot run this shape
                     reason = "oom" if common.is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"

@@ -10,8 +10,9 @@ and off, every subset of requested gradients, and every launch configuration the
 dispatchers (``proxy_attention._gpu_config``, ``prototype_update._blocks``) can
 pick, each with the loop structure it implies (channels in one chunk or several,
 rows in one chunk or several).  ``compile_variant`` compiles one and reads the
-resources from the compiler: registers and spill bytes from ``ptxas -v`` on the
-generated PTX, shared memory from the kernel metadata.
+resources from the compiler: registers and stack frame from the cubin
+(``cuobjdump``), spilled bytes from ``ptxas -v`` where there is a stack frame,
+shared memory from the kernel metadata plus the static shared memory.
 
 Run ``python -m icl_kernels.triton.compile_report [--arch 90] [--jobs N]`` for
 the table; it exits non-zero if a variant fails to compile or does not fit.
@@ -141,7 +142,7 @@ def prototype_update_variants() -> List[Variant]:
     out: List[Variant] = []
     # Every K and C the block table distinguishes (powers of two and the caps).
     Ks = (2, 4, 21, 64, 150, 1000)
-    Cs = (16, 64, 256)
+    Cs = (16, 32, 64, 256)
     for dtype in DTYPES:
         acc_t = tpu._acc_dtype(dtype)
         acc_tl = tpu._tl_acc(dtype)
@@ -200,38 +201,27 @@ def variants() -> List[Variant]:
     return proxy_attention_variants() + prototype_update_variants()
 
 
+_FLAGS = ("HAS_EPS", "HAS_DZ", "HAS_GS", "ATOMIC", "CHECK", "NEED_F", "NEED_P", "NEED_W")
+
+
 def ci_variants(vs: Optional[List[Variant]] = None) -> List[Variant]:
     """The covering subset CI compiles: every launch configuration with its heaviest
     flags, and, per kernel and dtype, every other flag combination (eps off, each
     subset of gradients, atomic or not, label checks off) once, on the first
-    configuration of one loop structure (combinations are dealt to the structures
-    in turn, so each structure gets some)."""
+    configuration where it occurs."""
     vs = variants() if vs is None else vs
-
-    def group(v):
-        return (v.kernel, v.name.split()[1] if len(v.name.split()) > 1 else "")
-
-    structures: Dict[tuple, List[str]] = {}
     first: Dict[tuple, str] = {}
-    for v in vs:
-        key = group(v) + (v.structure,)
-        if key not in first:
-            first[key] = v.config
-            structures.setdefault(group(v), []).append(v.structure)
+    covered = set()
     out = []
-    seen: Dict[tuple, int] = {}
     for v in vs:
-        key = group(v) + (v.structure,)
-        if v.heaviest:
+        group = (v.kernel, v.name.split()[1] if len(v.name.split()) > 1 else "")
+        first.setdefault(group + (v.structure,), v.config)
+        flags = group + (v.structure,) + tuple(v.constexprs.get(f) for f in _FLAGS)
+        if v.heaviest or (v.config == first[group + (v.structure,)] and flags not in covered
+                          and group + tuple(v.constexprs.get(f) for f in _FLAGS) not in covered):
             out.append(v)
-            continue
-        if v.config != first[key]:
-            continue
-        j = seen.get(key, 0)  # index of this flag combination on this configuration
-        seen[key] = j + 1
-        order = structures[group(v)]
-        if order[j % len(order)] == v.structure:
-            out.append(v)
+            covered.add(flags)
+            covered.add(group + tuple(v.constexprs.get(f) for f in _FLAGS))
     return out
 
 
@@ -242,13 +232,18 @@ def _cfg(cfg) -> str:
 # ---------------------------------------------------------------- compiling
 
 
-def _ptxas() -> str:
+def _tool(name: str) -> str:
+    """ptxas / cuobjdump: Triton's bundled copies (TRITON_PTXAS_PATH overrides ptxas)."""
     import triton
 
-    env = os.environ.get("TRITON_PTXAS_PATH")
-    if env:
-        return env
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if name == "ptxas" and os.environ.get("TRITON_PTXAS_PATH"):
+        return os.environ["TRITON_PTXAS_PATH"]
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _run(argv: List[str]) -> str:
+    r = subprocess.run(argv, capture_output=True, text=True)
+    return r.stdout + r.stderr
 
 
 def _signature(fn, v: Variant) -> Dict[str, str]:
@@ -284,20 +279,28 @@ def compile_variant(v: Variant, arch: int = 90) -> Report:
     shared = int(getattr(k.metadata, "shared", 0))
     regs = spills = None
     with tempfile.TemporaryDirectory() as d:
-        ptx = os.path.join(d, "k.ptx")
-        with open(ptx, "w") as fh:
-            fh.write(k.asm["ptx"])
-        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        r = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(d, "k.cubin")],
-                           capture_output=True, text=True)
-        text = r.stdout + r.stderr
-        m = re.search(r"Used (\d+) registers", text)
-        regs = int(m.group(1)) if m else None
-        m = re.search(r"(\d+) bytes spill stores", text)
-        spills = int(m.group(1)) if m else None
-        m = re.search(r"Used \d+ registers.*?(\d+) bytes smem", text)
-        if m:  # static shared memory, on top of Triton's dynamic allocation
-            shared += int(m.group(1))
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(k.asm["cubin"])
+        # cuobjdump reads registers, stack frame and static shared memory from the
+        # cubin Triton built (milliseconds).  These kernels have no local arrays and
+        # no calls, so a stack frame means spills: only then ptxas runs again (-v)
+        # to report the spilled bytes.
+        text = _run([_tool("cuobjdump"), "--dump-resource-usage", cubin])
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", text)
+        if m:
+            regs, stack, static_smem = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            shared += static_smem
+            spills = 0
+            if stack:
+                ptx = os.path.join(d, "k.ptx")
+                with open(ptx, "w") as fh:
+                    fh.write(k.asm["ptx"])
+                gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+                out = _run([_tool("ptxas"), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(d, "v.cubin")])
+                m = re.search(r"(\d+) bytes spill stores", out)
+                spills = int(m.group(1)) if m else stack
+                spills = max(spills, 1)
     return Report(v.name, True, regs, spills, shared, time.perf_counter() - t0)
 
 
@@ -307,7 +310,7 @@ def _compile_by_index(args):
 
 
 def compile_all(vs: Optional[List[Variant]] = None, arch: int = 90, jobs: int = 1,
-                pattern: Optional[str] = None) -> List[Report]:
+                pattern: Optional[str] = None, progress=None) -> List[Report]:
     """Compile the variants (all by default, or those of `vs`), those whose name matches `pattern`;
     with jobs > 1 in that many processes."""
     allv = variants()
@@ -315,22 +318,33 @@ def compile_all(vs: Optional[List[Variant]] = None, arch: int = 90, jobs: int = 
     if vs is not None:
         names = {v.name for v in vs}
         idx = [i for i in idx if allv[i].name in names]
+    out = []
     if jobs <= 1:
-        return [compile_variant(allv[i], arch) for i in idx]
+        for i in idx:
+            out.append(compile_variant(allv[i], arch))
+            if progress:
+                progress(out[-1])
+        return out
     with ProcessPoolExecutor(max_workers=jobs) as ex:
-        return list(ex.map(_compile_by_index, [(i, arch) for i in idx]))
+        for r in ex.map(_compile_by_index, [(i, arch) for i in idx]):
+            out.append(r)
+            if progress:
+                progress(r)
+    return out
+
+
+HEADER = f"{'variant':<100} {'regs':>4} {'spill':>6} {'smem KB':>8} {'s':>5}"
+
+
+def format_report(r: Report, arch: int = 90) -> str:
+    if not r.ok:
+        return f"{r.name:<100} FAILED: {r.error.splitlines()[-1] if r.error else ''}"
+    flag = "" if r.fits(arch) else "  <-- does not fit"
+    return f"{r.name:<100} {r.regs!s:>4} {r.spill_bytes!s:>6} {r.shared_bytes / 1024:8.1f} {r.seconds:5.1f}{flag}"
 
 
 def format_reports(reports: List[Report], arch: int = 90) -> str:
-    lines = [f"{'variant':<100} {'regs':>4} {'spill':>6} {'smem KB':>8} {'s':>5}"]
-    for r in reports:
-        if not r.ok:
-            lines.append(f"{r.name:<100} FAILED: {r.error.splitlines()[-1] if r.error else ''}")
-            continue
-        flag = "" if r.fits(arch) else "  <-- does not fit"
-        lines.append(f"{r.name:<100} {r.regs!s:>4} {r.spill_bytes!s:>6} {r.shared_bytes / 1024:8.1f} "
-                     f"{r.seconds:5.1f}{flag}")
-    return "\n".join(lines)
+    return "\n".join([HEADER] + [format_report(r, arch) for r in reports])
 
 
 def main(argv=None) -> int:
@@ -353,8 +367,9 @@ def main(argv=None) -> int:
     import triton
 
     t0 = time.perf_counter()
-    reports = compile_all(chosen, arch=a.arch, jobs=a.jobs, pattern=a.filter)
-    print(format_reports(reports, a.arch))
+    print(HEADER, flush=True)
+    reports = compile_all(chosen, arch=a.arch, jobs=a.jobs, pattern=a.filter,
+                          progress=lambda r: print(format_report(r, a.arch), flush=True))
     bad = [r for r in reports if not r.fits(a.arch)]
     print(f"triton {triton.__version__}, sm_{a.arch}: {len(reports)} variants, {len(bad)} failing or not fitting, "
           f"{time.perf_counter() - t0:.0f} s")

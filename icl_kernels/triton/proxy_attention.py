@@ -494,36 +494,39 @@ _GPU_MAX_PARTIAL_ELEMS = 1 << 24
 def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelConfig:
     """A small hand-made table, no autotuning.  Chosen from sm_90 compiles of
     the kernels (no GPU timing yet): among the candidates, the largest tiles
-    that compile without register spills."""
+    that compile without register spills (ptxas reports, see compile_report;
+    tests/test_triton_compile.py checks every entry).  One pipeline stage
+    where two made ptxas spill; 32-token tiles in the backward, where 64
+    spilled at 8 warps."""
     Mp, Cp = _pow2(M), _pow2(C)
     if dtype == torch.float64:  # 8-byte values: small tiles
-        return KernelConfig(16, 32, min(Cp, 32), 0, 4)
+        return KernelConfig(16, 32, min(Cp, 32), 0, 4, 1 if backward else 2)
     half = dtype in (torch.float16, torch.bfloat16)
     if not backward:
         if half:
             if Cp <= 32:
-                return KernelConfig(16, 64, Cp, 0, 8)
+                return KernelConfig(16, 64, Cp, 0, 4)
             if Cp <= 128:
                 return KernelConfig(min(Mp, 32), 64, Cp, 0, 8)
             if Cp <= 256:
-                return KernelConfig(16, 64, Cp, 0, 8)
-            return KernelConfig(64, 32, 64, 0, 8) if Mp >= 64 else KernelConfig(16, 64, 64, 0, 8)
+                return KernelConfig(16, 32, Cp, 0, 8, 1)
+            return KernelConfig(64, 32, 64, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8, 1)
         if Cp <= 32:
-            return KernelConfig(16, 64, Cp, 0, 4)
+            return KernelConfig(16, 64, Cp, 0, 4, 1)
         if Cp <= 128:
             return KernelConfig(16, 32, Cp, 0, 8)
         return KernelConfig(64, 32, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8)
     if half:
         if Cp <= 128:
-            return KernelConfig(16, 64, Cp, 0, 8)
-        if Cp <= 256:
             return KernelConfig(16, 32, Cp, 0, 8)
-        return KernelConfig(64, 64, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 64, 64, 0, 8)
+        if Cp <= 256:
+            return KernelConfig(16, 32, 128, 0, 8, 1)
+        return KernelConfig(64, 64, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8, 1)
     if Cp <= 32:
-        return KernelConfig(16, 64, Cp, 0, 8)
+        return KernelConfig(16, 32, Cp, 0, 8, 1)
     if Cp <= 128:
-        return KernelConfig(16, 32, 64, 0, 8)
-    return KernelConfig(16, 32, 32, 0, 8)
+        return KernelConfig(16, 32, 64, 0, 8, 1)
+    return KernelConfig(16, 32, 32, 0, 8, 1)
 
 
 def default_config(B: int, N: int, M: int, C: int, dtype: torch.dtype, backward: bool,
