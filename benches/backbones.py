@@ -50,7 +50,11 @@ def make_model(provider: str, patch, classes: int, quick: bool):
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(
+        __doc__.splitlines()[0],
+        lambda p: p.add_argument("--providers", help="comma-separated subset of unet2d, basicunet2d, swinunetr2d, "
+                                                     "unet3d, swinunetr3d (default: all)"))
+    chosen = None if not args.providers else {x.strip() for x in args.providers.split(",") if x.strip()}
     device, dtype = args.device, args.dtype
     env = common.environment(device)
     rec = common.Recorder(OP, env)
@@ -63,6 +67,8 @@ def main() -> None:
     except ImportError:
         has_monai = False
     for prov, patch, lb, ub, K in configs(args.quick):
+        if chosen is not None and prov not in chosen:
+            continue
         shape = common.shape_str(patch="x".join(map(str, patch)), B=f"{lb}+{ub}", K=K)
         if prov not in ("unet2d", "unet3d") and not has_monai:
             rec.add(prov, "fwd+bwd", shape, dtype, "time", "skipped: MONAI not installed (pip install 'icl-kernels[monai]')")
