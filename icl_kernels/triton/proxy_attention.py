@@ -517,6 +517,8 @@ def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelCon
             return KernelConfig(16, 32, Cp, 0, 8)
         return KernelConfig(64, 32, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8)
     if half:
+        if Cp <= 32:  # 8 warps spilled a few bytes at C = 16
+            return KernelConfig(16, 32, Cp, 0, 4)
         if Cp <= 128:
             return KernelConfig(16, 32, Cp, 0, 8)
         if Cp <= 256:
