@@ -325,11 +325,12 @@ def _probs_backward_blocks(K: int, C: int, dtype: torch.dtype) -> Blocks:
     """Tiles of the probs backward: both products (over classes and over channels) are float32
     FMA dots or float64 DMMA; classes beyond BLOCK_K are looped over inside the program."""
     bk = min(_pow2(K), 32)
+    # With several class blocks, the smaller token tiles made ptxas spill a few
+    # bytes at 80-96 registers (float32: 32 tokens; float64 with Triton 3.6: 16);
+    # the next size up compiled clean.
     if dtype == torch.float64:
-        bn = 16
+        bn = 32 if K > bk else 16
     else:
-        # With several class blocks, 32-token tiles made ptxas spill a few bytes
-        # (at 80 registers); 64-token tiles compiled clean.
         bn = 64 if K > bk else 32
     return Blocks(bk, min(_pow2(C), 32), bn, 4, 1)
 

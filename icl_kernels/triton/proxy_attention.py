@@ -499,8 +499,8 @@ def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelCon
     where two made ptxas spill; 32-token tiles in the backward, where 64
     spilled at 8 warps."""
     Mp, Cp = _pow2(M), _pow2(C)
-    if dtype == torch.float64:  # 8-byte values: small tiles
-        return KernelConfig(16, 32, min(Cp, 32), 0, 4, 1 if backward else 2)
+    if dtype == torch.float64:  # 8-byte values: small tiles (Triton 3.6 spilled at 32-token backward tiles)
+        return KernelConfig(16, 16, min(Cp, 32), 0, 4, 1) if backward else KernelConfig(16, 32, min(Cp, 32), 0, 4)
     half = dtype in (torch.float16, torch.bfloat16)
     if not backward:
         if half:
@@ -517,13 +517,16 @@ def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelCon
             return KernelConfig(16, 32, Cp, 0, 8)
         return KernelConfig(64, 32, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8)
     if half:
+        if Cp <= 32:  # 8 warps spilled a few bytes at C = 16
+            return KernelConfig(16, 32, Cp, 0, 4)
         if Cp <= 128:
             return KernelConfig(16, 32, Cp, 0, 8)
         if Cp <= 256:
             return KernelConfig(16, 32, 128, 0, 8, 1)
         return KernelConfig(64, 64, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8, 1)
     if Cp <= 32:
-        return KernelConfig(16, 32, Cp, 0, 8, 1)
+        # Rows in several chunks (dA in the partial buffer) spilled at 32 tokens.
+        return KernelConfig(16, 32 if Mp <= 16 else 16, Cp, 0, 8, 1)
     if Cp <= 128:
         return KernelConfig(16, 32, 64, 0, 8, 1)
     return KernelConfig(16, 32, 32, 0, 8, 1)
