@@ -41,7 +41,7 @@ def _log(out):
 ])
 def test_each_method_learns(acdc, tmp_path, method, extra):
     out = tmp_path / "run"
-    res = train(_cfg(acdc, out, method=method, max_iterations=30, test=False, base_lr=0.03, **extra))
+    train(_cfg(acdc, out, method=method, max_iterations=30, test=False, base_lr=0.03, **extra))
     rows = _log(out)
     assert len(rows) == 30
     sup = [float(r["supervised"]) for r in rows]

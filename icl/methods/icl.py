@@ -16,6 +16,8 @@ The consistency weight is multiplied by the sigmoid ramp-up of
 ``consistency_rampup`` iterations (0: none, as published)."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..losses import LossWeights, icl_losses
 from .base import Method, ramp
 from .views import strong_intensity
@@ -55,8 +57,8 @@ class ICLMethod(Method):
 
     def losses(self, out, y_lab, iteration):
         self._scale = ramp(iteration, self.cfg.consistency_rampup)
-        if self.cfg.icl_views != "weak-strong-all":
-            out.logits_unlab_strong = None
+        if self.cfg.icl_views != "weak-strong-all":  # the strong-view logits only feed weak-strong-all's pseudo term
+            out = dataclasses.replace(out, logits_unlab_strong=None)
         return icl_losses(out, y_lab, self.num_classes, LossWeights(**self.weights), consistency_scale=self._scale)
 
     def log_scalars(self):
