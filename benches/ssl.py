@@ -9,7 +9,9 @@ Every run is one ``icl train`` subprocess (same backbone, data pipeline, labeled
 slices, iterations, weak augmentation and evaluation for every method), with
 ``OMP_NUM_THREADS`` = ``--threads`` (default 1) and ``--jobs`` runs at a time.
 A run whose ``metrics.json`` already holds a test result is reused, so a killed
-table continues where it stopped. The checkpoint that is tested is the best on
+table continues where it stopped; so is a row of an earlier ``runs.csv`` in
+``--out`` with the same ``icl train`` command (its commit and time stay as
+recorded; ``--fresh`` reruns everything). The checkpoint that is tested is the best on
 the validation subjects; the test subjects are never used for a choice.
 
 Outputs (``--out``, default ``benches/results/cpu/ssl``): ``runs.csv`` (one row
@@ -47,6 +49,11 @@ METHODS: Dict[str, tuple] = {
                    ["--method", "icl", "--consistency-rampup", "400"], "budget"),
     "icl-memory": ("ICL, prototype memory as USCL's queries", ["--method", "icl", "--global-queries", "memory"],
                    "budget"),
+    "icl-confident": ("ICL + confident weak-to-strong pseudo-labels (FixMatch term)",
+                      ["--method", "icl", "--icl-views", "weak-strong-confident"], "budget"),
+    "icl-confident-rampup": ("ICL + confident weak-to-strong pseudo-labels, consistency ramp-up 40%",
+                             ["--method", "icl", "--icl-views", "weak-strong-confident", "--consistency-rampup",
+                              "400"], "budget"),
     "icl-ws-memory": ("ICL, weak-strong views, prototype memory",
                       ["--method", "icl", "--icl-views", "weak-strong", "--global-queries", "memory"], "budget"),
     "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
@@ -54,7 +61,7 @@ METHODS: Dict[str, tuple] = {
 DEFAULT_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]
 
 COLUMNS = ["method", "seed", "labeled_slices", "dice_mean", "dice_gm", "dice_wm", "dice_t1", "dice_other",
-           "hd95_mean", "best_iteration", "iterations", "wall_s", "it_per_s", "threads", "git_commit",
+           "hd95_mean", "val_dice", "best_iteration", "iterations", "wall_s", "it_per_s", "threads", "git_commit",
            "machine", "timestamp", "command"]
 
 
@@ -89,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--csv", help="also write the runs CSV here")
     p.add_argument("--plot", help="also write the plot (PNG) here")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fresh", action="store_true", help="rerun every run, ignoring earlier results in --out")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
@@ -123,7 +131,16 @@ def population_spec(args):
     return PopulationSpec(size=args.size, labeled_slices=min(max(args.budgets), 8), seed=args.population_seed)
 
 
-def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, log) -> Dict:
+def earlier_rows(args) -> Dict[str, Dict]:
+    """Rows of an earlier runs.csv in --out, by command (what makes a run the same run)."""
+    path = os.path.join(args.out, "runs.csv")
+    if args.fresh or not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as fh:
+        return {r["command"]: r for r in csv.DictReader(fh) if r.get("command")}
+
+
+def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, log, earlier=None) -> Dict:
     label, extra, labeled = METHODS[method]
     n_train = meta["counts"]["train_slices"]
     run_dir = os.path.join(args.out, "runs", f"{method}-b{budget}-s{seed}")
@@ -136,8 +153,16 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
            "--max-iterations", str(args.iterations), "--val-every", str(args.val_every), "--save-every", "0",
            "--intensity-aug", "default", "--seed", str(seed), "--num-workers", "0", "--device", args.device,
            "--out", run_dir, "--no-progress"] + extra
+    command = " ".join(shlex.quote(c) for c in cmd[1:])
     wall = None
     done = None
+    if not os.path.isfile(metrics_path) and earlier and command in earlier:
+        row = {k: earlier[command].get(k, "") for k in COLUMNS}
+        log(f"[{method} budget {budget} seed {seed}] reused from runs.csv (commit {row['git_commit']}, "
+            f"{row['timestamp']}): test Dice {float(row['dice_mean']):.4f}")
+        return row
+    if args.fresh and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
     if os.path.isfile(metrics_path):
         with open(metrics_path) as fh:
             done = json.load(fh)
@@ -187,11 +212,12 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
            "dice_mean": float(np.mean([pc["1"]["dice"], pc["2"]["dice"]])), "dice_gm": pc["1"]["dice"],
            "dice_wm": pc["2"]["dice"], "dice_t1": fam("t1"), "dice_other": fam("other"),
            "hd95_mean": float(np.mean([pc["1"]["hd95"], pc["2"]["hd95"]])),
+           "val_dice": (done.get("best") or {}).get("mean_dice", ""),
            "best_iteration": (done.get("best") or {}).get("iteration"), "iterations": done.get("iteration"),
            "wall_s": round(wall, 1) if wall is not None else "", "threads": ran.get("threads", ""),
            "it_per_s": round(done.get("iteration", 0) / wall, 2) if wall else "",
            "git_commit": ran.get("git_commit", ""), "machine": _machine(), "timestamp": ran.get("timestamp", ""),
-           "command": " ".join(shlex.quote(c) for c in cmd[1:])}
+           "command": command}
     log(f"[{method} budget {budget} seed {seed}] test Dice {row['dice_mean']:.4f} "
         f"(T1-like {row['dice_t1']:.4f}, other contrast {row['dice_other']:.4f}), {row['wall_s']} s")
     return row
@@ -207,7 +233,7 @@ def summarize(rows: List[Dict]) -> List[Dict]:
     for method, budget in keys:
         sel = [r for r in rows if r["method"] == method and r["labeled_slices"] == budget]
         e = {"method": method, "labeled_slices": budget, "n": len(sel)}
-        for k in ("dice_mean", "dice_t1", "dice_other", "hd95_mean", "wall_s"):
+        for k in ("dice_mean", "dice_t1", "dice_other", "hd95_mean", "val_dice", "wall_s"):
             v = np.array([float(r[k]) for r in sel if r[k] not in ("", None)], dtype=float)
             e[k] = float(np.mean(v)) if len(v) else float("nan")
             e[k + "_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
@@ -218,7 +244,7 @@ def summarize(rows: List[Dict]) -> List[Dict]:
 def markdown(summary: List[Dict], args, meta: Dict, wall: float) -> str:
     base = {e["labeled_slices"]: e for e in summary if e["method"] == "supervised"}
     lines = ["| method | labeled slices | test Dice (GM, WM mean) | vs supervised | T1-like subjects | other contrasts "
-             "| HD95 (px) | wall time per run (s) |", "|---|---|---|---|---|---|---|---|"]
+             "| HD95 (px) | validation Dice | wall time per run (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
         b = base.get(e["labeled_slices"])
         diff = f"{100 * (e['dice_mean'] - b['dice_mean']):+.1f}" if b is not None and e["method"] != "supervised" else ""
@@ -228,7 +254,8 @@ def markdown(summary: List[Dict], args, meta: Dict, wall: float) -> str:
             return f"{e[k]:.3f}" + (f" ± {sd:.3f}" if np.isfinite(sd) else "")
 
         lines.append(f"| {METHODS[e['method']][0]} | {e['labeled_slices']} | {pm('dice_mean')} | {diff} | "
-                     f"{pm('dice_t1')} | {pm('dice_other')} | {e['hd95_mean']:.2f} | {e['wall_s']:.0f} |")
+                     f"{pm('dice_t1')} | {pm('dice_other')} | {e['hd95_mean']:.2f} | "
+                     f"{pm('val_dice') if np.isfinite(e['val_dice']) else 'not recorded'} | {e['wall_s']:.0f} |")
     c = meta["counts"]
     fam = list(meta["test_contrast"].values())
     lines += ["", f"Mean ± sample standard deviation over {args.seeds} training seed(s) (seeds 0..{args.seeds - 1}); "
@@ -274,6 +301,7 @@ def main(argv=None) -> int:
     root = args.data_dir or os.path.join(args.out, "data")
     t0 = time.perf_counter()
     meta = build_population(root, population_spec(args))
+    earlier = earlier_rows(args)
     jobs = [(m, s, b) for b in args.budgets for s in range(args.seeds) for m in args.methods
             if not (METHODS[m][2] == "all" and b != args.budgets[0])]
     print(f"{len(jobs)} run(s), {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
@@ -282,7 +310,7 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
 
     def one(job):
-        row = _run_one(args, meta, root, *job, log=bar.write)
+        row = _run_one(args, meta, root, *job, log=bar.write, earlier=earlier)
         bar.update(1)
         return row
 
@@ -291,12 +319,14 @@ def main(argv=None) -> int:
     bar.close()
     wall = time.perf_counter() - t0
     csv_path = os.path.join(args.out, "runs.csv")
+    ran = {r["command"] for r in rows}
+    kept = [r for c, r in earlier.items() if c not in ran]  # earlier runs outside this invocation stay listed
     for path in [csv_path] + ([args.csv] if args.csv else []):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=COLUMNS)
             w.writeheader()
-            w.writerows(rows)
+            w.writerows(rows + [{k: r.get(k, "") for k in COLUMNS} for r in kept])
     summary = summarize(rows)
     md = markdown(summary, args, meta, wall)
     with open(os.path.join(args.out, "summary.md"), "w") as fh:

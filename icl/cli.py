@@ -58,9 +58,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", choices=["unet", "swinunetr"], default=S,
                    help="backbone (swinunetr: MONAI's, pip install 'icl-kernels[monai]')")
     g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch"], default=S)
-    g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all"], default=S,
+    g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all", "weak-strong-confident"], default=S,
                    help="icl: one view of the unlabeled batch (published), weak targets for USCL on a strong "
-                        "view, or also for the backbone's strong-view prediction")
+                        "view, also for the backbone's strong-view prediction (all), or plus FixMatch's confident "
+                        "hard-label term on the backbone (confident)")
     g.add_argument("--mixer", choices=["conv", "mlp"], default=S)
     g.add_argument("--global-queries", choices=["memory", "batch"], default=S)
     g.add_argument("--faithful", action="store_true", default=S, help="published head quirks (for equivalence)")

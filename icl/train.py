@@ -396,7 +396,7 @@ class TrainResult:
 
 
 def _log_fields():
-    return ["iteration", "lr", "total", "supervised", "auxiliary", "pseudo", "consistency",
+    return ["iteration", "lr", "total", "supervised", "auxiliary", "pseudo", "consistency", "confident",
             "consistency_scale", "mask_ratio", "seconds", "it_per_s"]
 
 

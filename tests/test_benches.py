@@ -10,6 +10,7 @@ reason in ``unit``: ``unsupported: ...``, ``skipped: ...``, ``oom``,
 """
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -134,14 +135,15 @@ def test_ssl_benchmark_quick(tmp_path):
     out = tmp_path / "ssl"
     cmd = [sys.executable, "-m", "benches.ssl", "--quick", "--seeds", "1", "--jobs", "2", "--out", str(out),
            "--csv", str(tmp_path / "runs.csv"), "--plot", str(tmp_path / "ssl.png"),
-           "--methods", "supervised,mean-teacher,fixmatch,icl,icl-ws,full"]
+           "--methods", "supervised,mean-teacher,fixmatch,icl,icl-confident,full"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with open(tmp_path / "runs.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]
+    assert [r["method"] for r in rows] == ["supervised", "mean-teacher", "fixmatch", "icl", "icl-confident", "full"]
     for r in rows:
-        assert 0.0 <= float(r["dice_mean"]) <= 1.0 and float(r["wall_s"]) > 0 and r["command"].startswith("-m icl train")
+        assert 0.0 <= float(r["dice_mean"]) <= 1.0 and float(r["wall_s"]) > 0
+        assert 0.0 <= float(r["val_dice"]) <= 1.0 and r["command"].startswith("-m icl train")
         assert r["threads"] == "1"
     assert int(rows[-1]["labeled_slices"]) > int(rows[0]["labeled_slices"])  # "full" labels every slice
     summary = (out / "summary.md").read_text()
@@ -150,6 +152,15 @@ def test_ssl_benchmark_quick(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
     assert os.path.getmtime(out / "runs" / "supervised-b2-s0" / "metrics.json") == t0  # reused
+    # without the run folders, rows of the earlier runs.csv with the same command are reused and kept
+    shutil.rmtree(out / "runs")
+    one = subprocess.run(cmd[:-1] + ["supervised"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    assert "reused from runs.csv" in one.stdout + one.stderr and not (out / "runs" / "supervised-b2-s0").exists()
+    with open(out / "runs.csv") as fh:
+        again = list(csv.DictReader(fh))
+    assert [r["method"] for r in again] == ["supervised", "mean-teacher", "fixmatch", "icl", "icl-confident", "full"]
+    assert again[0]["dice_mean"] == rows[0]["dice_mean"]
     bad = subprocess.run([sys.executable, "-m", "benches.ssl", "--methods", "bogus"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--methods" in bad.stderr

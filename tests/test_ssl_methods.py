@@ -37,7 +37,7 @@ def _log(out):
 
 @pytest.mark.parametrize("method,extra", [
     ("supervised", {}), ("mean-teacher", {}), ("fixmatch", {}), ("icl", {}), ("icl", {"icl_views": "weak-strong"}),
-    ("icl", {"icl_views": "weak-strong-all"}),
+    ("icl", {"icl_views": "weak-strong-all"}), ("icl", {"icl_views": "weak-strong-confident"}),
 ])
 def test_each_method_learns(acdc, tmp_path, method, extra):
     out = tmp_path / "run"
@@ -53,8 +53,10 @@ def test_each_method_learns(acdc, tmp_path, method, extra):
     assert type(net).__name__ == "UNet2D"
     if method == "mean-teacher":
         assert float(rows[-1]["consistency"]) >= 0 and "teacher" in ck["method_state"]
-    if method == "fixmatch":
+    if method == "fixmatch" or extra.get("icl_views") == "weak-strong-confident":
         assert all(0.0 <= float(r["mask_ratio"]) <= 1.0 for r in rows)
+    if extra.get("icl_views") == "weak-strong-confident":
+        assert all(float(r["confident"]) >= 0.0 for r in rows)
 
 
 def test_mean_teacher_resume_is_bitwise_equal(acdc, tmp_path):

@@ -11,28 +11,38 @@ the backbone's decoder maps, the four published loss terms
   for invariance to the perturbation;
 - ``"weak-strong-all"``: as ``"weak-strong"``, and the pseudo term also pulls
   the backbone's own prediction on the strong view towards the weak view's
-  (the same soft Dice, averaged with the USCL levels as one more level).
+  (the same soft Dice, averaged with the USCL levels as one more level);
+- ``"weak-strong-confident"``: as ``"weak-strong"`` on the FixMatch strong view
+  (:func:`~icl.methods.views.strong_view`, with cutout), plus a ``confident``
+  term: cross-entropy of the backbone's strong-view prediction against the weak
+  view's hard labels where their softmax confidence reaches ``threshold``
+  (0.95; pixels under a cutout box ignored), i.e. the FixMatch loss added to
+  ICL's four terms. Not in the paper.
 The consistency weight is multiplied by the sigmoid ramp-up of
 ``consistency_rampup`` iterations (0: none, as published)."""
 from __future__ import annotations
 
 import dataclasses
 
+import torch.nn.functional as F
+
 from ..losses import LossWeights, icl_losses
 from .base import Method, ramp
-from .views import strong_intensity
+from .views import strong_intensity, strong_view
 
-VIEWS = ("one", "weak-strong", "weak-strong-all")
+VIEWS = ("one", "weak-strong", "weak-strong-all", "weak-strong-confident")
 
 
 class ICLMethod(Method):
     name = "icl"
-    default_weights = {"supervised": 1.0, "auxiliary": 1.0, "pseudo": 1.0, "consistency": 50.0}
+    default_weights = {"supervised": 1.0, "auxiliary": 1.0, "pseudo": 1.0, "consistency": 50.0, "confident": 1.0}
+    threshold = 0.95  # the confident term's softmax threshold (FixMatch's)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         w = LossWeights.published(len(cfg.patch_size))
-        self.weights = {k: getattr(w, k) for k in self.default_weights}
+        self.weights = {k: getattr(w, k) for k in self.default_weights if k != "confident"}
+        self.weights["confident"] = self.default_weights["confident"]
 
     @classmethod
     def check_config(cls, cfg):
@@ -52,14 +62,36 @@ class ICLMethod(Method):
         return net.backbone
 
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
-        strong = strong_intensity(x_unlab) if self.cfg.icl_views != "one" else None
-        return net.forward_train(x_lab, x_unlab, y_lab, x_unlab_strong=strong)
+        views = self.cfg.icl_views
+        keep = None
+        if views == "one":
+            strong = None
+        elif views == "weak-strong-confident":
+            strong, keep = strong_view(x_unlab)
+        else:
+            strong = strong_intensity(x_unlab)
+        return net.forward_train(x_lab, x_unlab, y_lab, x_unlab_strong=strong), keep
 
     def losses(self, out, y_lab, iteration):
+        out, keep = out
         self._scale = ramp(iteration, self.cfg.consistency_rampup)
+        strong = out.logits_unlab_strong
         if self.cfg.icl_views != "weak-strong-all":  # the strong-view logits only feed weak-strong-all's pseudo term
             out = dataclasses.replace(out, logits_unlab_strong=None)
-        return icl_losses(out, y_lab, self.num_classes, LossWeights(**self.weights), consistency_scale=self._scale)
+        four = {k: v for k, v in self.weights.items() if k != "confident"}
+        terms = icl_losses(out, y_lab, self.num_classes, LossWeights(**four), consistency_scale=self._scale)
+        if self.cfg.icl_views == "weak-strong-confident":
+            conf, hard = F.softmax(out.logits_unlab.detach().float(), dim=1).max(1)
+            mask = (conf >= self.threshold) & keep
+            ce = F.cross_entropy(strong.float(), hard, reduction="none")
+            confident = (ce * mask).sum() / mask.numel()
+            self._mask = float(mask.float().mean())
+            terms["confident"] = confident
+            terms["total"] = terms["total"] + self.weights["confident"] * confident
+        return terms
 
     def log_scalars(self):
-        return {"consistency_scale": getattr(self, "_scale", 1.0)}
+        out = {"consistency_scale": getattr(self, "_scale", 1.0)}
+        if self.cfg.icl_views == "weak-strong-confident":
+            out["mask_ratio"] = getattr(self, "_mask", 0.0)
+        return out
