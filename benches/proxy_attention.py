@@ -10,7 +10,13 @@ and backward with respect to q, x and every parameter):
   sdpa               F.scaled_dot_product_attention for the output + logits computed separately
   icl-torch          icl_kernels.ProxyAttention(token_norm=True), `torch` backend (absorbed form, PyTorch ops)
   icl-<backend>      the same module on each fused backend available here (cpu, triton, cuda)
+  icl-explicit       the same module's unfused formulation (``forward_explicit``: projects every token)
+  icl-auto           the same module with ``backend="auto"`` (what users get by default)
 On GPU every provider is also timed replaying a CUDA graph (`<provider>+cudagraph`).
+
+``--crossover`` measures instead the sweep behind `auto`'s CPU rules
+(icl_kernels/auto.py): fwd+bwd of icl-cpu, icl-torch, icl-explicit, icl-auto and
+published-eager over N for the published 2D/3D level widths and the demo's.
 """
 from __future__ import annotations
 
@@ -91,6 +97,17 @@ def _compiled_published(C, H):
     return torch.compile(Published(C, H))
 
 
+class Explicit(nn.Module):
+    """The module's unfused formulation (what `auto` runs on CPU where it is faster)."""
+
+    def __init__(self, C, H):
+        super().__init__()
+        self.inner = make_fused(C, H, "torch")
+
+    def forward(self, q, x):
+        return self.inner.forward_explicit(q, x)
+
+
 def providers(device: torch.device, quick: bool) -> Dict[str, Optional[Callable]]:
     """name -> factory(C, H) of a module, or None with the reason in REASONS."""
     table: Dict[str, Optional[Callable]] = {
@@ -104,6 +121,8 @@ def providers(device: torch.device, quick: bool) -> Dict[str, Optional[Callable]
         reason = reasons[be]
         table[f"icl-{be}"] = (lambda C, H, be=be: make_fused(C, H, be)) if reason is None else None
         REASONS[f"icl-{be}"] = reason or ""
+    table["icl-explicit"] = lambda C, H: Explicit(C, H)
+    table["icl-auto"] = lambda C, H: make_fused(C, H, "auto")
     REASONS["published-compile"] = "skipped: --quick (compile takes minutes)" if quick else ""
     return table
 
@@ -220,6 +239,21 @@ def shape_sets(device: torch.device, quick: bool):
     return sets
 
 
+# The crossover sweep: (C, H, K, B) level families x token counts N.
+CROSSOVER_FAMILIES = [(256, 16, 16, 2), (128, 8, 16, 2), (64, 4, 16, 2),   # 3D levels (AMOS K = 16)
+                      (128, 8, 4, 8), (64, 4, 4, 8), (32, 2, 4, 8),         # 2D levels (ACDC K = 4)
+                      (128, 8, 3, 4)]                                       # the demo's coarsest level
+CROSSOVER_N = [36, 144, 216, 576, 1728, 4096, 13824]
+CROSSOVER_PROVIDERS = ["published-eager", "icl-torch", "icl-cpu", "icl-explicit", "icl-auto"]
+
+
+def crossover_sets(quick: bool):
+    fams = CROSSOVER_FAMILIES[:1] if quick else CROSSOVER_FAMILIES
+    ns = [36, 216] if quick else CROSSOVER_N
+    return [(f"set=crossover;B={B};N={N};C={C};H={H};K={K}", [(N, C, H)], B, K)
+            for (C, H, K, B) in fams for N in ns]
+
+
 def shape_selected(label: str, only: Optional[str]) -> bool:
     """--only: comma-separated label fragments, any of which selects the shape."""
     return not only or any(part and part in label for part in only.split(","))
@@ -231,7 +265,9 @@ def main() -> None:
         lambda p: (p.add_argument("--only", default=None,
                                   help="measure only shapes whose label contains this text "
                                        "(comma-separated: any of them)"),
-                   p.add_argument("--providers", default=None, help="comma-separated provider names to run")),
+                   p.add_argument("--providers", default=None, help="comma-separated provider names to run"),
+                   p.add_argument("--crossover", action="store_true",
+                                  help="the sweep behind auto's CPU rules instead of the headline shapes")),
     )
     device, dtype = args.device, args.dtype
     env = common.environment(device)
@@ -241,10 +277,14 @@ def main() -> None:
     rec.add("device-copy", "fwd", "set=copy;bytes=268435456", dtype, "bandwidth", "GB/s", (copy_bw, copy_bw, copy_bw))
     print(f"device: {env.device}; copy bandwidth {copy_bw:.1f} GB/s; dtype {dtype}")
     graphs = [False, True] if device.type == "cuda" else [False]
+    if args.crossover:
+        table = {k: table[k] for k in CROSSOVER_PROVIDERS}
     if args.providers:
         wanted = set(args.providers.split(","))
         table = {k: v for k, v in table.items() if k in wanted}
-    for label, levels, B, K in shape_sets(device, args.quick):
+    sets = crossover_sets(args.quick) if args.crossover else shape_sets(device, args.quick)
+    modes = ("fwd+bwd",) if args.crossover else ("fwd", "bwd", "fwd+bwd")
+    for label, levels, B, K in sets:
         if not shape_selected(label, args.only):
             continue
         if len(levels) == 1:
@@ -263,7 +303,7 @@ def main() -> None:
                     continue
                 try:
                     case = Case(factory, levels, B, K, dtype, device)
-                    for mode in ("fwd", "bwd", "fwd+bwd"):
+                    for mode in modes:
                         if mode == "fwd":
                             fn = lambda: case.forward()
                         elif mode == "bwd":
@@ -304,7 +344,7 @@ def summarize(rec: common.Recorder) -> None:
         if r["metric"] == "time" and r["mode"] == "fwd+bwd" and r["p50"]:
             times[(r["shape"], r["provider"])] = float(r["p50"])
     shapes = sorted({s for s, _ in times})
-    fused = sorted({p for _, p in times if p.startswith("icl-") and p != "icl-torch"})
+    fused = sorted({p for _, p in times if p.startswith("icl-") and p not in ("icl-torch", "icl-explicit")})
     others = ["published-eager", "published-compile", "sdpa", "icl-torch"]
     if not fused:
         return

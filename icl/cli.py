@@ -58,10 +58,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", choices=["unet", "swinunetr"], default=S,
                    help="backbone (swinunetr: MONAI's, pip install 'icl-kernels[monai]')")
     g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch"], default=S)
-    g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all", "weak-strong-confident"], default=S,
+    g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all", "weak-strong-confident", "one-confident"], default=S,
                    help="icl: one view of the unlabeled batch (published), weak targets for USCL on a strong "
                         "view, also for the backbone's strong-view prediction (all), or plus FixMatch's confident "
-                        "hard-label term on the backbone (confident)")
+                        "hard-label term on the backbone's strong view (*-confident)")
     g.add_argument("--mixer", choices=["conv", "mlp"], default=S)
     g.add_argument("--global-queries", choices=["memory", "batch"], default=S)
     g.add_argument("--faithful", action="store_true", default=S, help="published head quirks (for equivalence)")
@@ -75,6 +75,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-lr", type=float, default=S)
     g.add_argument("--weight-decay", type=float, default=S)
     g.add_argument("--consistency-rampup", type=float, default=S, help="sigmoid ramp-up length (0: none)")
+    g.add_argument("--confidence-threshold", type=float, default=S,
+                   help="fixmatch, icl *-confident views: softmax confidence a pseudo-label needs (default 0.95)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S)
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--deterministic", action="store_true", default=S)

@@ -162,6 +162,8 @@ def check_options(cfg) -> None:
     need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
          f"--weight-decay must be 0 or more, got {cfg.weight_decay}")
     need(cfg.consistency_rampup >= 0, f"--consistency-rampup must be 0 or more, got {cfg.consistency_rampup}")
+    need(0.0 < cfg.confidence_threshold <= 1.0,
+         f"--confidence-threshold must be in (0, 1], got {cfg.confidence_threshold}")
     for name in ("val_fraction", "test_fraction"):
         v = getattr(cfg, name)
         need(0.0 < v < 1.0, f"{_flag(name)} must be in (0, 1), got {v}")

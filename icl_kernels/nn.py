@@ -14,6 +14,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import auto, backends
 from .ops.proxy_attention import proxy_attention
 
 _warned_dropout_fallback = False
@@ -38,7 +39,9 @@ class ProxyAttention(nn.Module):
             ``norm_x`` to x first.
         eps: the LayerNorm epsilon when ``token_norm``.
         backend: kernel backend (see ``icl_kernels.backends``); None follows
-            ``ICL_KERNELS_BACKEND``, else auto.
+            ``ICL_KERNELS_BACKEND``, else auto. On CPU, ``auto`` runs the
+            unfused formulation for shapes where it measured faster
+            (:mod:`icl_kernels.auto`); a named backend always runs fused.
 
     Shapes: ``forward(q [B, K, dim], x [B, N, dim]) -> (out [B, K, dim],
     attn [B, K, H, N])`` where ``attn`` holds the scaled pre-softmax logits.
@@ -152,6 +155,8 @@ class ProxyAttention(nn.Module):
         B, K, C = q.shape
         N = x.shape[1]
         H, d = self.num_heads, self.head_dim
+        if self._auto_unfused(x, N, K):
+            return self.forward_explicit(q, x)
         Q = self._split(self.fc_q(q), B, K)                      # [B, H, K, d]
         w_k, w_v = self.fc_kv.weight.view(2, H, d, C).unbind(0)  # [H, d, C] each
         bias = self.fc_kv.bias
@@ -192,6 +197,13 @@ class ProxyAttention(nn.Module):
             attn = S.view(B, K, H, N)
         return out, attn
 
+    def _auto_unfused(self, x: Tensor, N: int, K: int) -> bool:
+        """`auto` on CPU: the unfused formulation where it measured faster
+        (:func:`icl_kernels.auto.cpu_prefers_unfused`); never when a backend is named."""
+        if x.device.type != "cpu" or backends.requested_name(self.backend) != backends.AUTO:
+            return False
+        return auto.cpu_prefers_unfused(N, self.dim, self.num_heads, self.num_heads * K)
+
     def _merge(self, O: Tensor, B: int, K: int) -> Tensor:
         """[B, H, K, d] -> [B, K, C] in the layout's order."""
         if self.official_layout:
@@ -199,7 +211,8 @@ class ProxyAttention(nn.Module):
         return O.transpose(1, 2).reshape(B, K, self.dim)
 
     def forward_explicit(self, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """The unfused computation (projects every token); used for attention dropout."""
+        """The unfused computation (projects every token with BLAS); used for
+        attention dropout, and by `auto` on CPU for shapes where it is faster."""
         self._check_forward_inputs(q, x)
         if self.norm_x is not None:
             x = self.norm_x(x)

@@ -38,6 +38,7 @@ def _log(out):
 @pytest.mark.parametrize("method,extra", [
     ("supervised", {}), ("mean-teacher", {}), ("fixmatch", {}), ("icl", {}), ("icl", {"icl_views": "weak-strong"}),
     ("icl", {"icl_views": "weak-strong-all"}), ("icl", {"icl_views": "weak-strong-confident"}),
+    ("icl", {"icl_views": "one-confident", "confidence_threshold": 0.6}),
 ])
 def test_each_method_learns(acdc, tmp_path, method, extra):
     out = tmp_path / "run"
@@ -53,10 +54,11 @@ def test_each_method_learns(acdc, tmp_path, method, extra):
     assert type(net).__name__ == "UNet2D"
     if method == "mean-teacher":
         assert float(rows[-1]["consistency"]) >= 0 and "teacher" in ck["method_state"]
-    if method == "fixmatch" or extra.get("icl_views") == "weak-strong-confident":
+    if method == "fixmatch" or extra.get("icl_views", "").endswith("confident"):
         assert all(0.0 <= float(r["mask_ratio"]) <= 1.0 for r in rows)
-    if extra.get("icl_views") == "weak-strong-confident":
+    if extra.get("icl_views", "").endswith("confident"):
         assert all(float(r["confident"]) >= 0.0 for r in rows)
+        assert max(float(r["confident"]) for r in rows) > 0.0  # some pixels passed the threshold
 
 
 def test_mean_teacher_resume_is_bitwise_equal(acdc, tmp_path):
@@ -105,6 +107,9 @@ def test_method_config_errors(acdc, tmp_path):
         TrainConfig(**_cfg(acdc, tmp_path, method="mean-teacher", loss_weights={"auxiliary": 1.0})).resolve()
     with pytest.raises(ConfigError, match="--icl-views"):
         TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_views="three")).resolve()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="--confidence-threshold"):
+            TrainConfig(**_cfg(acdc, tmp_path, method="fixmatch", confidence_threshold=bad)).resolve()
     # the supervised baseline may use the whole batch for labeled items
     TrainConfig(**_cfg(acdc, tmp_path, method="supervised", labeled_bs=4)).resolve()
     assert set(METHODS) == {"supervised", "icl", "mean-teacher", "fixmatch"}

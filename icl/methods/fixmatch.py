@@ -1,10 +1,11 @@
 """FixMatch-style weak-to-strong pseudo-labelling (Sohn et al. 2020; as used for
 segmentation by UniMatch, Yang et al. 2023, without its feature-perturbation
 stream): hard pseudo-labels from the weak view (the data pipeline's own
-augmentation) where the softmax confidence reaches ``threshold``, cross-entropy
-of the prediction on the strong view (:func:`~icl.methods.views.strong_view`:
-random intensity curve, gamma/contrast/noise, cutout) against them. Pixels
-under a cutout box or below the threshold count as zero in the mean."""
+augmentation) where the softmax confidence reaches ``confidence_threshold``
+(default 0.95), cross-entropy of the prediction on the strong view
+(:func:`~icl.methods.views.strong_view`: random intensity curve,
+gamma/contrast/noise, cutout) against them. Pixels under a cutout box or below
+the threshold count as zero in the mean."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,6 @@ from .views import strong_view
 class FixMatch(Method):
     name = "fixmatch"
     default_weights = {"supervised": 1.0, "pseudo": 1.0}
-    threshold = 0.95
 
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
         L = x_lab.shape[0]
@@ -31,7 +31,7 @@ class FixMatch(Method):
         logits_lab, logits_strong, weak, keep = out
         sup = supervised_loss(logits_lab, y_lab, self.num_classes)
         conf, pseudo = F.softmax(weak.float(), 1).max(1)
-        mask = (conf >= self.threshold) & keep
+        mask = (conf >= self.cfg.confidence_threshold) & keep
         ce = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
         unsup = (ce * mask).sum() / mask.numel()
         self._mask = float(mask.float().mean())

@@ -17,7 +17,10 @@ the backbone's decoder maps, the four published loss terms
   term: cross-entropy of the backbone's strong-view prediction against the weak
   view's hard labels where their softmax confidence reaches ``threshold``
   (0.95; pixels under a cutout box ignored), i.e. the FixMatch loss added to
-  ICL's four terms. Not in the paper.
+  ICL's four terms. Not in the paper;
+- ``"one-confident"``: the published one-view stream unchanged, plus the same
+  ``confident`` term on a separate strong view (one more backbone pass).
+``threshold`` is ``confidence_threshold`` (default 0.95, FixMatch's).
 The consistency weight is multiplied by the sigmoid ramp-up of
 ``consistency_rampup`` iterations (0: none, as published)."""
 from __future__ import annotations
@@ -27,16 +30,16 @@ import dataclasses
 import torch.nn.functional as F
 
 from ..losses import LossWeights, icl_losses
-from .base import Method, ramp
+from .base import Method, logits_of, ramp
 from .views import strong_intensity, strong_view
 
-VIEWS = ("one", "weak-strong", "weak-strong-all", "weak-strong-confident")
+VIEWS = ("one", "weak-strong", "weak-strong-all", "weak-strong-confident", "one-confident")
+CONFIDENT = ("weak-strong-confident", "one-confident")
 
 
 class ICLMethod(Method):
     name = "icl"
     default_weights = {"supervised": 1.0, "auxiliary": 1.0, "pseudo": 1.0, "consistency": 50.0, "confident": 1.0}
-    threshold = 0.95  # the confident term's softmax threshold (FixMatch's)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -64,13 +67,17 @@ class ICLMethod(Method):
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
         views = self.cfg.icl_views
         keep = None
-        if views == "one":
+        if views in ("one", "one-confident"):
             strong = None
         elif views == "weak-strong-confident":
             strong, keep = strong_view(x_unlab)
         else:
             strong = strong_intensity(x_unlab)
-        return net.forward_train(x_lab, x_unlab, y_lab, x_unlab_strong=strong), keep
+        out = net.forward_train(x_lab, x_unlab, y_lab, x_unlab_strong=strong)
+        if views == "one-confident":
+            image, keep = strong_view(x_unlab)
+            out = dataclasses.replace(out, logits_unlab_strong=logits_of(net.backbone, image))
+        return out, keep
 
     def losses(self, out, y_lab, iteration):
         out, keep = out
@@ -80,9 +87,9 @@ class ICLMethod(Method):
             out = dataclasses.replace(out, logits_unlab_strong=None)
         four = {k: v for k, v in self.weights.items() if k != "confident"}
         terms = icl_losses(out, y_lab, self.num_classes, LossWeights(**four), consistency_scale=self._scale)
-        if self.cfg.icl_views == "weak-strong-confident":
+        if self.cfg.icl_views in CONFIDENT:
             conf, hard = F.softmax(out.logits_unlab.detach().float(), dim=1).max(1)
-            mask = (conf >= self.threshold) & keep
+            mask = (conf >= self.cfg.confidence_threshold) & keep
             ce = F.cross_entropy(strong.float(), hard, reduction="none")
             confident = (ce * mask).sum() / mask.numel()
             self._mask = float(mask.float().mean())
@@ -92,6 +99,6 @@ class ICLMethod(Method):
 
     def log_scalars(self):
         out = {"consistency_scale": getattr(self, "_scale", 1.0)}
-        if self.cfg.icl_views == "weak-strong-confident":
+        if self.cfg.icl_views in CONFIDENT:
             out["mask_ratio"] = getattr(self, "_mask", 0.0)
         return out

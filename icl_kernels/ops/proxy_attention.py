@@ -20,32 +20,23 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _extension, backends
+from .. import _extension, auto, backends
 
 OP = "proxy_attention"
 
 
-# Widest tokens the CUDA kernels take (their register tiles); `auto` sends wider ones to Triton.
-CUDA_MAX_CHANNELS = 512
+CUDA_MAX_CHANNELS = auto.CUDA_MAX_CHANNELS  # widest tokens the CUDA kernels take
 
 
-def _auto_order(x: Tensor) -> Optional[Sequence[str]]:
-    """`auto`'s preference for these inputs (None: the registry's per-device order).
-
-    On CUDA tensors: the CUDA kernels first, then Triton. This is the order of
-    maturity, not yet a measured speed rule: no GPU has timed the two backends
-    against each other (README "Benchmarks"); C > 512 goes to Triton.
-    """
-    if x.device.type == "cuda":
-        order = ["cuda", "triton", "torch"]
-        if x.shape[-1] > CUDA_MAX_CHANNELS:
-            order.remove("cuda")
-        return order
-    return None
+def _auto_order(x: Tensor, A: Tensor) -> Optional[Sequence[str]]:
+    """`auto`'s preference for these inputs (:mod:`icl_kernels.auto`): on CPU the
+    measured cpu-vs-torch rule, on CUDA the CUDA kernels then Triton (C > 512:
+    Triton only)."""
+    return auto.op_order(x.device.type, x.shape[1], x.shape[-1], A.shape[1])
 
 
-def _run_backend(name: str, x: Tensor):
-    be = backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
+def _run_backend(name: str, x: Tensor, A: Tensor):
+    be = backends.resolve(OP, name, x.device, _auto_order(x, A), dtype=x.dtype)
     return be.kernels(OP)
 
 
@@ -59,7 +50,7 @@ def _like_x(x: Tensor, dx: Tensor) -> Tensor:
 
 @torch.library.custom_op("icl_kernels::proxy_attention_forward", mutates_args=())
 def _forward_op(x: Tensor, A: Tensor, c: Tensor, eps: Optional[float], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    forward, _ = _run_backend(backend, x)
+    forward, _ = _run_backend(backend, x, A)
     Z, S, lse = forward(x, A, c, eps)
     return Z, S, lse
 
@@ -83,7 +74,7 @@ def _backward_op(
     eps: Optional[float],
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    _, backward = _run_backend(backend, x)
+    _, backward = _run_backend(backend, x, A)
     dx, dA, dc = backward(grad_Z, grad_S, x, A, c, Z, lse, eps)
     return _like_x(x, dx), dA, dc
 
@@ -201,6 +192,6 @@ def proxy_attention(
         eps = float(eps)
     if not torch.compiler.is_compiling():
         # Fail at the call site (not inside autograd) when a named backend cannot run.
-        backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
+        backends.resolve(OP, name, x.device, _auto_order(x, A), dtype=x.dtype)
     Z, S, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, name)
     return Z, S

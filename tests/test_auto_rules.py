@@ -1,0 +1,115 @@
+"""`auto` on CPU: the measured rules (icl_kernels/auto.py) pick what the
+committed benchmark says is fastest, and the unfused path `auto` may take
+computes the same thing as the fused one."""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+
+import icl_kernels
+from icl_kernels import auto
+from icl_kernels.reference import proxy_attention_math
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benches", "results", "cpu")
+
+
+@pytest.mark.parametrize("N,C,H,K,unfused", [
+    (216, 256, 16, 16, True), (1728, 128, 8, 16, True), (13824, 64, 4, 16, False),   # 3D levels
+    (1024, 128, 8, 4, False), (4096, 64, 4, 4, False), (16384, 32, 2, 4, False),     # 2D levels
+])
+def test_rule_on_the_published_levels(N, C, H, K, unfused):
+    assert auto.cpu_prefers_unfused(N, C, H, H * K) is unfused
+
+
+def test_flop_ratio():
+    # C / M + 1 / H: the 3D coarse level costs about the same both ways, the 2D one 4x more unfused
+    assert auto.unfused_flop_ratio(256, 16, 256) == pytest.approx(1.0625)
+    assert auto.unfused_flop_ratio(128, 8, 32) == pytest.approx(4.125)
+
+
+def _pair(C, H, monkeypatch, backend):
+    torch.manual_seed(0)
+    m = icl_kernels.ProxyAttention(C, H, token_norm=True, official_layout=True, backend=backend).double()
+    with torch.no_grad():
+        m.norm_x.weight.uniform_(0.5, 1.5)
+        m.norm_x.bias.uniform_(-0.2, 0.2)
+    calls = []
+    orig = type(m).forward_explicit
+
+    def counting(self, q, x):
+        calls.append(x.shape)
+        return orig(self, q, x)
+
+    monkeypatch.setattr(type(m), "forward_explicit", counting)
+    return m, calls
+
+
+@pytest.mark.parametrize("shape", [(2, 30, 16, 4, 8), (1, 7, 24, 3, 8)])  # B, N, C, H, K with M >= C
+def test_auto_unfused_path_matches_the_fused_op(shape, monkeypatch):
+    B, N, C, H, K = shape
+    assert auto.cpu_prefers_unfused(N, C, H, H * K)
+    m, calls = _pair(C, H, monkeypatch, None)
+    monkeypatch.delenv("ICL_KERNELS_BACKEND", raising=False)
+    q = torch.randn(B, K, C, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, C, N, dtype=torch.float64).transpose(1, 2).requires_grad_()  # strided tokens
+    out, attn = m(q, x)
+    assert len(calls) == 1  # auto took the unfused formulation
+    g_out, g_attn = torch.randn_like(out), torch.randn_like(attn)
+    grads = torch.autograd.grad((out, attn), (q, x) + tuple(m.parameters()), (g_out, g_attn))
+    m.backend = "torch"  # the fused op, named: no unfused path
+    out2, attn2 = m(q, x)
+    assert len(calls) == 1
+    grads2 = torch.autograd.grad((out2, attn2), (q, x) + tuple(m.parameters()), (g_out, g_attn))
+    torch.testing.assert_close(out, out2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn, attn2, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_named_backend_or_environment_never_takes_the_unfused_path(monkeypatch):
+    m, calls = _pair(16, 4, monkeypatch, None)
+    q, x = torch.randn(2, 8, 16, dtype=torch.float64), torch.randn(2, 30, 16, dtype=torch.float64)
+    monkeypatch.setenv("ICL_KERNELS_BACKEND", "cpu")
+    m(q, x)
+    monkeypatch.setenv("ICL_KERNELS_BACKEND", "auto")
+    m(q, x)
+    assert len(calls) == 1
+    monkeypatch.delenv("ICL_KERNELS_BACKEND")
+    m.backend = "torch"
+    m(q, x)
+    assert len(calls) == 1
+
+
+def test_op_auto_follows_the_cpu_order(monkeypatch):
+    """The op under auto runs the backend the rule puts first (both compute the same)."""
+    import importlib
+
+    op = importlib.import_module("icl_kernels.ops.proxy_attention")
+    seen = []
+    real = op.backends.resolve
+
+    def spy(name, requested, device, order=None, dtype=None):
+        be = real(name, requested, device, order, dtype=dtype)
+        seen.append(be.name)
+        return be
+
+    monkeypatch.setattr(op.backends, "resolve", spy)
+    monkeypatch.delenv("ICL_KERNELS_BACKEND", raising=False)
+    for N, M in ((50, auto.TORCH_MIN_ROWS), (50, 8)):
+        seen.clear()
+        x = torch.randn(1, N, 16, dtype=torch.float64, requires_grad=True)
+        A = torch.randn(1, M, 16, dtype=torch.float64, requires_grad=True)
+        c = torch.randn(1, M, dtype=torch.float64, requires_grad=True)
+        Z, S = icl_kernels.proxy_attention(x, A, c, eps=1e-5)
+        (Z.sum() + S.square().sum()).backward()
+        want = auto.cpu_op_order(N, 16, M)[0]
+        if icl_kernels.available_backends(device="cpu")[want] is not None:
+            want = "torch"
+        assert set(seen) == {want}
+        Zr, Sr = proxy_attention_math(x.detach(), A.detach(), c.detach(), eps=1e-5)
+        torch.testing.assert_close(Z, Zr)
+        torch.testing.assert_close(S, Sr)
