@@ -254,6 +254,30 @@ def crossover_sets(quick: bool):
             for (C, H, K, B) in fams for N in ns]
 
 
+def median_times(paths, mode: str = "fwd+bwd") -> Dict[Tuple[str, str], float]:
+    """(shape, provider) -> median over the CSV files (repeated runs) of the p50 times."""
+    import csv
+    import statistics
+
+    seen: Dict[Tuple[str, str], List[float]] = {}
+    for path in paths:
+        with open(path, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["metric"] == "time" and r["mode"] == mode and r["p50"]:
+                    seen.setdefault((r["shape"], r["provider"]), []).append(float(r["p50"]))
+    return {k: statistics.median(v) for k, v in seen.items()}
+
+
+def shape_fields(shape: str) -> Dict[str, int]:
+    """The integers of a shape label ("set=...;B=2;N=216;...") by name."""
+    out = {}
+    for part in shape.split(";"):
+        k, _, v = part.partition("=")
+        if v.isdigit():
+            out[k] = int(v)
+    return out
+
+
 def shape_selected(label: str, only: Optional[str]) -> bool:
     """--only: comma-separated label fragments, any of which selects the shape."""
     return not only or any(part and part in label for part in only.split(","))

@@ -11,7 +11,8 @@ slices, iterations, weak augmentation and evaluation for every method), with
 A run whose ``metrics.json`` already holds a test result is reused, so a killed
 table continues where it stopped; so is a row of an earlier ``runs.csv`` in
 ``--out`` with the same ``icl train`` command (its commit and time stay as
-recorded; ``--fresh`` reruns everything). The checkpoint that is tested is the best on
+recorded; ``--fresh`` reruns the requested runs; earlier rows of other runs
+stay listed either way). The checkpoint that is tested is the best on
 the validation subjects; the test subjects are never used for a choice.
 
 Outputs (``--out``, default ``benches/results/cpu/ssl``): ``runs.csv`` (one row
@@ -99,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--csv", help="also write the runs CSV here")
     p.add_argument("--plot", help="also write the plot (PNG) here")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--fresh", action="store_true", help="rerun every run, ignoring earlier results in --out")
+    p.add_argument("--fresh", action="store_true",
+                   help="rerun the requested runs, ignoring their earlier results in --out")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
@@ -137,7 +139,7 @@ def population_spec(args):
 def earlier_rows(args) -> Dict[str, Dict]:
     """Rows of an earlier runs.csv in --out, by command (what makes a run the same run)."""
     path = os.path.join(args.out, "runs.csv")
-    if args.fresh or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return {}
     with open(path, newline="") as fh:
         return {r["command"]: r for r in csv.DictReader(fh) if r.get("command")}
@@ -159,7 +161,7 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
     command = " ".join(shlex.quote(c) for c in cmd[1:])
     wall = None
     done = None
-    if not os.path.isfile(metrics_path) and earlier and command in earlier:
+    if not args.fresh and not os.path.isfile(metrics_path) and earlier and command in earlier:
         row = {k: earlier[command].get(k, "") for k in COLUMNS}
         log(f"[{method} budget {budget} seed {seed}] reused from runs.csv (commit {row['git_commit']}, "
             f"{row['timestamp']}): test Dice {float(row['dice_mean']):.4f}")

@@ -161,6 +161,12 @@ def test_ssl_benchmark_quick(tmp_path):
         again = list(csv.DictReader(fh))
     assert [r["method"] for r in again] == ["supervised", "mean-teacher", "fixmatch", "icl", "icl-confident", "full"]
     assert again[0]["dice_mean"] == rows[0]["dice_mean"]
+    # --fresh reruns what was asked and keeps the other rows listed
+    fresh = subprocess.run(cmd[:-1] + ["supervised", "--fresh"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stdout[-2000:] + fresh.stderr[-2000:]
+    assert (out / "runs" / "supervised-b2-s0" / "metrics.json").is_file()
+    with open(out / "runs.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
     bad = subprocess.run([sys.executable, "-m", "benches.ssl", "--methods", "bogus"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--methods" in bad.stderr
