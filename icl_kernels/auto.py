@@ -3,18 +3,22 @@
 The rules are functions of the shape only (no timing at run time, so a run is
 reproducible and the backward always meets its forward's choice).
 
-CPU (measured with ``python -m benches.proxy_attention --crossover``; the sweep
-and how the thresholds follow from it are in the README, section "auto on CPU",
-and in benches/results/cpu/proxy_attention_crossover.csv):
+CPU (measured with ``python -m benches.proxy_attention --crossover``, three
+runs of 49 shapes on 2 cores, benches/results/cpu/proxy_attention_crossover.csv;
+README "auto on CPU"):
 
 1. ``ProxyAttention`` (the module) runs its *unfused* formulation (project the
    N tokens to keys and values with BLAS, as the published module does) when
-   that costs few more flops than the absorbed one and N is small enough that
-   the fused kernel's saving in memory traffic cannot pay for BLAS's higher
-   throughput: :func:`cpu_prefers_unfused`.
+   ``N * (C / M + 1 / H) <= 800``: :func:`cpu_prefers_unfused`. ``C / M + 1 / H``
+   is the flop ratio of the two formulations, so the rule says: unfused where
+   it costs about as many flops as the absorbed form and the tokens are few
+   (3D levels: N up to ~700), or where the tokens are very few whatever the
+   ratio (2D at N up to ~180), i.e. where fixed costs and BLAS throughput
+   outweigh the fused kernel's saving in memory traffic.
 2. The op ``proxy_attention`` (absorbed form, any caller) runs the ``cpu``
-   kernel unless the ``torch`` backend measured faster for the shape:
-   :func:`cpu_op_order`.
+   kernel for float32/float64 (``torch`` otherwise): the ``torch`` backend was
+   never more than 20% faster on any swept shape, less than the run-to-run
+   spread of these measurements, and up to 5.6x slower.
 
 CUDA: the CUDA kernels first, Triton for C > 512 (the CUDA kernels' widest
 tile) or where CUDA cannot run. That is the order of maturity, not a measured
@@ -29,14 +33,11 @@ from typing import List, Optional
 #   unfused  ~ 2 N C^2 (token projections to keys and values) + 2 M N C / H (per-head products)
 #   absorbed ~ 2 M N C (S = A xhat^T and Z = P xhat over full-width rows)
 # so unfused / absorbed = C / M + 1 / H, with M = H * K query rows.
-UNFUSED_MAX_FLOP_RATIO = 1.5
-# ... and only while the tokens are few: past this N the fused kernel, which
-# never writes keys, values or probabilities, wins even at equal flops.
-UNFUSED_MAX_TOKENS = 4096
-# The op: the `torch` backend (BLAS batched products) beats the `cpu` kernel
-# when each batch element has at least this many query rows over few tokens.
-TORCH_MIN_ROWS = 128
-TORCH_MAX_TOKENS = 4096
+# Unfused where N times that ratio is at most this. Measured, the boundary lies
+# between about 600 and 2000 depending on the family (the sweep steps N by
+# about 3x); 800 makes the fewest wrong calls over the sweep, and a wrong call
+# cost at most 16% there (medians of three runs).
+UNFUSED_MAX_WORK = 800.0
 
 CUDA_MAX_CHANNELS = 512  # widest tokens the CUDA kernels take (their register tiles)
 
@@ -50,14 +51,12 @@ def cpu_prefers_unfused(tokens: int, channels: int, heads: int, rows: int) -> bo
     """True when the module should run its unfused formulation on CPU under `auto`.
 
     tokens N, channels C, heads H, rows M = H * K (K queries)."""
-    return (unfused_flop_ratio(channels, heads, rows) <= UNFUSED_MAX_FLOP_RATIO
-            and tokens <= UNFUSED_MAX_TOKENS)
+    return tokens * unfused_flop_ratio(channels, heads, rows) <= UNFUSED_MAX_WORK
 
 
 def cpu_op_order(tokens: int, channels: int, rows: int) -> List[str]:
-    """`auto`'s backend preference for the op on CPU tensors of this shape."""
-    if rows >= TORCH_MIN_ROWS and tokens <= TORCH_MAX_TOKENS:
-        return ["torch", "cpu"]
+    """`auto`'s backend preference for the op on CPU tensors (every shape: the cpu
+    kernel, then torch for dtypes it does not take; see the module docstring)."""
     return ["cpu", "torch"]
 
 
