@@ -329,7 +329,7 @@ def main() -> None:
                     case = Case(factory, levels, B, K, dtype, device)
                     for mode in modes:
                         if mode == "fwd":
-                            fn = lambda: case.forward()
+                            fn = case.forward
                         elif mode == "bwd":
                             if use_graph:
                                 continue  # a graph replays whole steps only

@@ -3,7 +3,6 @@ committed benchmark says is fastest, and the unfused path `auto` may take
 computes the same thing as the fused one."""
 from __future__ import annotations
 
-import csv
 import os
 
 import pytest
