@@ -246,7 +246,7 @@ def summarize(rows: List[Dict]) -> List[Dict]:
     return out
 
 
-def markdown(summary: List[Dict], args, meta: Dict, wall: float) -> str:
+def markdown(summary: List[Dict], args, meta: Dict, wall: float, rows: List[Dict]) -> str:
     base = {e["labeled_slices"]: e for e in summary if e["method"] == "supervised"}
     lines = ["| method | labeled slices | test Dice (GM, WM mean) | vs supervised | T1-like subjects | other contrasts "
              "| HD95 (px) | validation Dice | wall time per run (s) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -269,8 +269,10 @@ def markdown(summary: List[Dict], args, meta: Dict, wall: float) -> str:
               f"subjects ({fam.count('t1')} T1-like, {fam.count('other')} other contrasts), "
               f"{meta['params']['size']}x{meta['params']['size']} px. {args.iterations} iterations, batch "
               f"{args.batch_size} ({args.batch_size // 2} labeled), best-validation checkpoint tested, "
-              f"{args.jobs} run(s) at a time with {args.threads} thread(s) each; total {wall:.0f} s; commit "
-              f"{_git_commit()}; {_machine()}."]
+              f"{args.jobs} run(s) at a time with {args.threads} thread(s) each; {_machine()}. "
+              f"Commits of the runs: {', '.join(sorted({str(r['git_commit']) for r in rows if r['git_commit']}))} "
+              f"(per run in runs.csv, with its wall time); this invocation took {wall:.0f} s at commit "
+              f"{_git_commit()}."]
     return "\n".join(lines)
 
 
@@ -333,7 +335,7 @@ def main(argv=None) -> int:
             w.writeheader()
             w.writerows(rows + [{k: r.get(k, "") for k in COLUMNS} for r in kept])
     summary = summarize(rows)
-    md = markdown(summary, args, meta, wall)
+    md = markdown(summary, args, meta, wall, rows)
     with open(os.path.join(args.out, "summary.md"), "w") as fh:
         fh.write(md + "\n")
     with open(os.path.join(args.out, "summary.json"), "w") as fh:

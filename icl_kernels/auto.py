@@ -9,12 +9,13 @@ README "auto on CPU"):
 
 1. ``ProxyAttention`` (the module) runs its *unfused* formulation (project the
    N tokens to keys and values with BLAS, as the published module does) when
-   ``N * (C / M + 1 / H) <= 800``: :func:`cpu_prefers_unfused`. ``C / M + 1 / H``
-   is the flop ratio of the two formulations, so the rule says: unfused where
-   it costs about as many flops as the absorbed form and the tokens are few
-   (3D levels: N up to ~700), or where the tokens are very few whatever the
-   ratio (2D at N up to ~180), i.e. where fixed costs and BLAS throughput
-   outweigh the fused kernel's saving in memory traffic.
+   ``N * r <= 800``, or ``r <= 1.5`` and ``N * r <= 2000``, with
+   ``r = C / M + 1 / H`` the flop ratio of the two formulations
+   (:func:`cpu_prefers_unfused`). So: unfused where it costs about as many
+   flops as the absorbed form and the tokens are few (3D levels: N up to
+   ~1800), or where the tokens are very few whatever the ratio (2D: N up to
+   ~180), i.e. where fixed costs and BLAS throughput outweigh the fused
+   kernel's saving in memory traffic.
 2. The op ``proxy_attention`` (absorbed form, any caller) runs the ``cpu``
    kernel for float32/float64 (``torch`` otherwise): the ``torch`` backend was
    never more than 20% faster on any swept shape, less than the run-to-run
@@ -33,11 +34,16 @@ from typing import List, Optional
 #   unfused  ~ 2 N C^2 (token projections to keys and values) + 2 M N C / H (per-head products)
 #   absorbed ~ 2 M N C (S = A xhat^T and Z = P xhat over full-width rows)
 # so unfused / absorbed = C / M + 1 / H, with M = H * K query rows.
-# Unfused where N times that ratio is at most this. Measured, the boundary lies
-# between about 600 and 2000 depending on the family (the sweep steps N by
-# about 3x); 800 makes the fewest wrong calls over the sweep, and a wrong call
-# cost at most 16% there (medians of three runs).
+# Unfused where N times that ratio is at most UNFUSED_MAX_WORK, or, where the
+# two cost about the same flops (ratio <= EVEN_RATIO), up to EVEN_MAX_WORK.
+# Measured (the sweep steps N by about 3x): with a ratio of 4 to 5.5 (2D levels)
+# the unfused form wins up to N * ratio ~ 800 and loses from ~900; with a ratio
+# of 1.06 to 1.25 (3D levels) it wins up to ~700, ties at ~2000 (+-10%, the
+# run-to-run spread) and loses from ~4500. At a tie the rule takes the unfused
+# form: it is the published computation, so `auto` is then never slower than it.
 UNFUSED_MAX_WORK = 800.0
+EVEN_RATIO = 1.5
+EVEN_MAX_WORK = 2000.0
 
 CUDA_MAX_CHANNELS = 512  # widest tokens the CUDA kernels take (their register tiles)
 
@@ -51,7 +57,9 @@ def cpu_prefers_unfused(tokens: int, channels: int, heads: int, rows: int) -> bo
     """True when the module should run its unfused formulation on CPU under `auto`.
 
     tokens N, channels C, heads H, rows M = H * K (K queries)."""
-    return tokens * unfused_flop_ratio(channels, heads, rows) <= UNFUSED_MAX_WORK
+    ratio = unfused_flop_ratio(channels, heads, rows)
+    work = tokens * ratio
+    return work <= UNFUSED_MAX_WORK or (ratio <= EVEN_RATIO and work <= EVEN_MAX_WORK)
 
 
 def cpu_op_order(tokens: int, channels: int, rows: int) -> List[str]:
