@@ -291,7 +291,11 @@ def main() -> None:
                                        "(comma-separated: any of them)"),
                    p.add_argument("--providers", default=None, help="comma-separated provider names to run"),
                    p.add_argument("--crossover", action="store_true",
-                                  help="the sweep behind auto's CPU rules instead of the headline shapes")),
+                                  help="the sweep behind auto's CPU rules instead of the headline shapes"),
+                   p.add_argument("--interleave", type=int, default=0, metavar="R",
+                                  help="fwd+bwd only, every provider of a shape timed in turn, R rounds; "
+                                       "the row is the median round (slow drifts of a shared machine "
+                                       "then hit every provider alike)")),
     )
     device, dtype = args.device, args.dtype
     env = common.environment(device)
@@ -308,6 +312,9 @@ def main() -> None:
         table = {k: v for k, v in table.items() if k in wanted}
     sets = crossover_sets(args.quick) if args.crossover else shape_sets(device, args.quick)
     modes = ("fwd+bwd",) if args.crossover else ("fwd", "bwd", "fwd+bwd")
+    if args.interleave:
+        interleaved(args, table, sets, rec)
+        sets = []
     for label, levels, B, K in sets:
         if not shape_selected(label, args.only):
             continue
@@ -359,6 +366,39 @@ def main() -> None:
     summarize(rec)
     rec.write_csv(args.csv)
     common.plot(rec.rows, args.plot, OP)
+
+
+def interleaved(args, table, sets, rec) -> None:
+    """fwd+bwd of every provider of a shape timed in turn, ``args.interleave`` rounds:
+    p50 = the median of the rounds' medians, p20/p80 = the 20th/80th percentile of them."""
+    import statistics
+
+    device, dtype = args.device, args.dtype
+    for label, levels, B, K in sets:
+        if not shape_selected(label, args.only):
+            continue
+        N, C, H = levels[0]
+        shape = label if len(levels) > 1 or "N=" in label else f"{label};B={B};N={N};C={C};H={H};K={K}"
+        cases = {}
+        for name, factory in table.items():
+            if factory is None:
+                rec.add(name, "fwd+bwd", shape, dtype, "time", REASONS.get(name) or "unsupported")
+                continue
+            try:
+                cases[name] = Case(factory, levels, B, K, dtype, device)
+            except Exception as exc:
+                rec.add(name, "fwd+bwd", shape, dtype, "time", f"error: {type(exc).__name__}: {str(exc)[:120]}")
+        rounds = {name: [] for name in cases}
+        for _ in range(args.interleave):
+            for name, case in cases.items():
+                rounds[name].append(common.time_fn(case.forward_backward, device, args.min_time)[0])
+                print(".", end="", flush=True)
+        for name, v in rounds.items():
+            q = sorted(v)
+            lo, hi = q[int(0.2 * (len(q) - 1))], q[-1 - int(0.2 * (len(q) - 1))]
+            rec.add(name, "fwd+bwd", shape, dtype, "time", "ms", (statistics.median(v), lo, hi))
+            rec.add(name, "fwd+bwd", shape, dtype, "precision",
+                    f"info: median of {len(v)} interleaved rounds; " + cases[name].precision(name)[6:])
 
 
 def summarize(rec: common.Recorder) -> None:

@@ -163,6 +163,7 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
     done = None
     if not args.fresh and not os.path.isfile(metrics_path) and earlier and command in earlier:
         row = {k: earlier[command].get(k, "") for k in COLUMNS}
+        row["labeled_slices"], row["seed"] = int(row["labeled_slices"]), int(row["seed"])  # as a fresh run's
         log(f"[{method} budget {budget} seed {seed}] reused from runs.csv (commit {row['git_commit']}, "
             f"{row['timestamp']}): test Dice {float(row['dice_mean']):.4f}")
         return row
