@@ -83,6 +83,8 @@ def check_csv(name, header, body, plots):
     if errors:  # allowed by the CSV contract, but worth seeing
         warnings.warn(f"benches.{name} --quick wrote error rows: {errors}")
 
+    if plots is None:  # a run without --plot
+        return
     sweep = [r for r in rows if "sweep=1" in r["shape"] and r["metric"] == "time" and r["mode"] == "fwd+bwd"
              and _is_number(r)]
     if sweep:
@@ -170,3 +172,27 @@ def test_ssl_benchmark_quick(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benches.ssl", "--methods", "bogus"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--methods" in bad.stderr
+
+
+def test_proxy_attention_crossover_interleaved_quick(tmp_path):
+    """--crossover (the sweep behind auto's CPU rule) with --interleave (providers of a
+    shape timed in turn): every provider gets a time per shape, rows keep the CSV contract."""
+    csv_path = tmp_path / "x.csv"
+    cmd = [sys.executable, "-m", "benches.proxy_attention", "--quick", "--crossover", "--interleave", "2",
+           "--providers", "published-eager,icl-cpu,icl-explicit,icl-auto", "--csv", str(csv_path)]
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(csv_path, newline="") as fh:
+        reader = csv.reader(fh)
+        header, body = next(reader), list(reader)
+    check_csv("proxy_attention", header, body, None)
+    rows = [dict(zip(COLUMNS, r)) for r in body if dict(zip(COLUMNS, r))["metric"] == "time"]
+    shapes = {r["shape"] for r in rows}
+    assert len(shapes) == 2 and all("set=crossover" in s for s in shapes)
+    for s in shapes:
+        got = {r["provider"]: r for r in rows if r["shape"] == s}
+        assert set(got) == {"published-eager", "icl-cpu", "icl-explicit", "icl-auto"}, got.keys()
+        for r in got.values():
+            assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
