@@ -107,6 +107,10 @@ def test_method_config_errors(acdc, tmp_path):
         TrainConfig(**_cfg(acdc, tmp_path, method="mean-teacher", loss_weights={"auxiliary": 1.0})).resolve()
     with pytest.raises(ConfigError, match="--icl-views"):
         TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_views="three")).resolve()
+    with pytest.raises(ConfigError, match="'confident' term needs --icl-views"):
+        TrainConfig(**_cfg(acdc, tmp_path, method="icl", loss_weights={"confident": 2.0})).resolve()
+    TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_views="one-confident",
+                       loss_weights={"confident": 2.0})).resolve()
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="--confidence-threshold"):
             TrainConfig(**_cfg(acdc, tmp_path, method="fixmatch", confidence_threshold=bad)).resolve()

@@ -15,12 +15,11 @@ the backbone's decoder maps, the four published loss terms
 - ``"weak-strong-confident"``: as ``"weak-strong"`` on the FixMatch strong view
   (:func:`~icl.methods.views.strong_view`, with cutout), plus a ``confident``
   term: cross-entropy of the backbone's strong-view prediction against the weak
-  view's hard labels where their softmax confidence reaches ``threshold``
-  (0.95; pixels under a cutout box ignored), i.e. the FixMatch loss added to
-  ICL's four terms. Not in the paper;
+  view's hard labels where their softmax confidence reaches
+  ``confidence_threshold`` (default 0.95, FixMatch's; pixels under a cutout box
+  ignored), i.e. the FixMatch loss added to ICL's four terms. Not in the paper;
 - ``"one-confident"``: the published one-view stream unchanged, plus the same
   ``confident`` term on a separate strong view (one more backbone pass).
-``threshold`` is ``confidence_threshold`` (default 0.95, FixMatch's).
 The consistency weight is multiplied by the sigmoid ramp-up of
 ``consistency_rampup`` iterations (0: none, as published)."""
 from __future__ import annotations
@@ -52,6 +51,9 @@ class ICLMethod(Method):
         super().check_config(cfg)
         if cfg.icl_views not in VIEWS:
             raise ValueError(f"--icl-views {cfg.icl_views!r}: expected one of {', '.join(VIEWS)}")
+        if "confident" in (cfg.loss_weights or {}) and cfg.icl_views not in CONFIDENT:
+            raise ValueError(f"loss_weights: the 'confident' term needs --icl-views {' or '.join(CONFIDENT)}, "
+                             f"got --icl-views {cfg.icl_views}")
 
     def build_net(self, backend):
         from ..models import build_model
