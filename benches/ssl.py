@@ -54,6 +54,7 @@ METHODS: Dict[str, tuple] = {
                       ["--method", "icl", "--icl-views", "weak-strong-confident"], "budget"),
     "icl-one-confident": ("ICL (published one-view stream) + FixMatch term on a separate strong view",
                           ["--method", "icl", "--icl-views", "one-confident"], "budget"),
+    "unimatch": ("UniMatch-style (two strong views + feature perturbation)", ["--method", "unimatch"], "budget"),
     "fixmatch-t90": ("FixMatch, threshold 0.9", ["--method", "fixmatch", "--confidence-threshold", "0.9"], "budget"),
     "icl-confident-rampup": ("ICL + confident weak-to-strong pseudo-labels, consistency ramp-up 40%",
                              ["--method", "icl", "--icl-views", "weak-strong-confident", "--consistency-rampup",

@@ -57,7 +57,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and method")
     g.add_argument("--model", choices=["unet", "swinunetr"], default=S,
                    help="backbone (swinunetr: MONAI's, pip install 'icl-kernels[monai]')")
-    g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch"], default=S)
+    g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch", "unimatch"], default=S)
     g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all", "weak-strong-confident", "one-confident"], default=S,
                    help="icl: one view of the unlabeled batch (published), weak targets for USCL on a strong "
                         "view, also for the backbone's strong-view prediction (all), or plus FixMatch's confident "
@@ -76,7 +76,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=S)
     g.add_argument("--consistency-rampup", type=float, default=S, help="sigmoid ramp-up length (0: none)")
     g.add_argument("--confidence-threshold", type=float, default=S,
-                   help="fixmatch, icl *-confident views: softmax confidence a pseudo-label needs (default 0.95)")
+                   help="fixmatch, unimatch, icl *-confident views: softmax confidence a pseudo-label needs (default 0.95)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S)
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--deterministic", action="store_true", default=S)

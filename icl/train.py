@@ -109,7 +109,7 @@ class TrainConfig:
     poly_power: float = 0.9
     loss_weights: Optional[Dict[str, float]] = None
     consistency_rampup: float = 0.0
-    confidence_threshold: float = 0.95  # fixmatch and icl's *-confident views: pseudo-labels at or above it
+    confidence_threshold: float = 0.95  # fixmatch, unimatch and icl's *-confident views: pseudo-labels at or above it
     amp: str = "none"
     seed: int = 1337
     deterministic: bool = False

@@ -36,7 +36,7 @@ def _log(out):
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("supervised", {}), ("mean-teacher", {}), ("fixmatch", {}), ("icl", {}), ("icl", {"icl_views": "weak-strong"}),
+    ("supervised", {}), ("mean-teacher", {}), ("fixmatch", {}), ("unimatch", {}), ("icl", {}), ("icl", {"icl_views": "weak-strong"}),
     ("icl", {"icl_views": "weak-strong-all"}), ("icl", {"icl_views": "weak-strong-confident"}),
     ("icl", {"icl_views": "one-confident", "confidence_threshold": 0.6}),
 ])
@@ -54,7 +54,7 @@ def test_each_method_learns(acdc, tmp_path, method, extra):
     assert type(net).__name__ == "UNet2D"
     if method == "mean-teacher":
         assert float(rows[-1]["consistency"]) >= 0 and "teacher" in ck["method_state"]
-    if method == "fixmatch" or extra.get("icl_views", "").endswith("confident"):
+    if method in ("fixmatch", "unimatch") or extra.get("icl_views", "").endswith("confident"):
         assert all(0.0 <= float(r["mask_ratio"]) <= 1.0 for r in rows)
     if extra.get("icl_views", "").endswith("confident"):
         assert all(float(r["confident"]) >= 0.0 for r in rows)
@@ -116,7 +116,9 @@ def test_method_config_errors(acdc, tmp_path):
             TrainConfig(**_cfg(acdc, tmp_path, method="fixmatch", confidence_threshold=bad)).resolve()
     # the supervised baseline may use the whole batch for labeled items
     TrainConfig(**_cfg(acdc, tmp_path, method="supervised", labeled_bs=4)).resolve()
-    assert set(METHODS) == {"supervised", "icl", "mean-teacher", "fixmatch"}
+    with pytest.raises(ConfigError, match="unimatch needs a backbone with an encoder/decoder"):
+        TrainConfig(**_cfg(acdc, tmp_path, method="unimatch", model="swinunetr")).resolve()
+    assert set(METHODS) == {"supervised", "icl", "mean-teacher", "fixmatch", "unimatch"}
     assert get_method("fixmatch").name == "fixmatch"
 
 

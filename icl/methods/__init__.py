@@ -12,15 +12,17 @@ from .fixmatch import FixMatch
 from .icl import ICLMethod
 from .mean_teacher import MeanTeacher
 from .supervised import Supervised
+from .unimatch import UniMatch
 
 METHODS: Dict[str, Type[Method]] = {
     "supervised": Supervised,
     "icl": ICLMethod,
     "mean-teacher": MeanTeacher,
     "fixmatch": FixMatch,
+    "unimatch": UniMatch,
 }
 
-__all__ = ["METHODS", "Method", "FixMatch", "ICLMethod", "MeanTeacher", "Supervised", "get_method"]
+__all__ = ["METHODS", "Method", "FixMatch", "ICLMethod", "MeanTeacher", "Supervised", "UniMatch", "get_method"]
 
 
 def get_method(name: str) -> Type[Method]:
