@@ -111,9 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, help="repeat every run with this many seeds (default 1)")
     d.add_argument("--data-dir", help="reuse (or build) the population here instead of OUT/data")
     d.add_argument("--labeled-slices", type=int, help="labeled slices of the labeled subject (default 2)")
-    d.add_argument("--peer", help="the semi-supervised peer: mean-teacher, fixmatch or none (default fixmatch)")
+    d.add_argument("--peer", help="the semi-supervised peer: mean-teacher, fixmatch, unimatch or none "
+                                  "(default fixmatch)")
     d.add_argument("--iterations", type=int, help="iterations per run")
     d.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    d.add_argument("--jobs", type=int, help="runs trained at a time, each in its own process (default on CPU: one "
+                                            "per usable core, at most the number of runs; on GPU 1)")
+    d.add_argument("--threads", type=int, help="torch threads per run (default: usable cores // jobs)")
     d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "torch"])
     d.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -251,7 +255,7 @@ def _splits_for(ckpt: Dict, source, split: str) -> List[str]:
 def cmd_evaluate(args) -> int:
     from . import checkpoint as C
     from .data import build_source
-    from .evaluate import evaluate_cases, json_ready, write_results
+    from .evaluate import evaluate_cases, write_results
     from .rundir import ensure_dir
     from .train import ConfigError
     from .validate import resolve_device
@@ -448,7 +452,8 @@ def cmd_demo(args) -> int:
     try:
         run_demo(out=args.out, quick=args.quick, full=args.full, seeds=args.seeds, data_dir=args.data_dir,
                  labeled_slices=args.labeled_slices, peer=args.peer, iterations=args.iterations,
-                 device=args.device, backend=args.backend, progress=args.progress)
+                 device=args.device, backend=args.backend, progress=args.progress, jobs=args.jobs,
+                 threads=args.threads)
     except MissingDemoDependency as exc:
         print(f"icl demo: {exc}", file=sys.stderr)
         return EXIT_USAGE

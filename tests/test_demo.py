@@ -80,3 +80,41 @@ def test_demo_bad_arguments(tmp_path, capsys):
     assert "--peer" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--labeled-slices", "0"]) == 2
     assert "--labeled-slices" in capsys.readouterr().err
+    for opt in ("--jobs", "--threads"):
+        assert cli.main(["demo", "--out", str(tmp_path / "d"), opt, "0"]) == 2
+        assert opt in capsys.readouterr().err
+
+
+def test_plan_jobs_shares_the_usable_cores(monkeypatch):
+    from icl.demo import run
+
+    monkeypatch.setattr(run, "usable_cores", lambda: 2)
+    assert run.plan_jobs(3, gpu=False) == (2, 1)  # the README's 2-core machine: two one-thread runs
+    assert run.plan_jobs(1, gpu=False) == (1, 2)  # never more runs at a time than runs
+    assert run.plan_jobs(3, gpu=True) == (1, 2)
+    assert run.plan_jobs(4, gpu=False, jobs=1) == (1, 2)
+    assert run.plan_jobs(4, gpu=False, jobs=8) == (4, 1)
+    assert run.plan_jobs(4, gpu=False, jobs=2, threads=3) == (2, 3)
+    monkeypatch.setattr(run, "usable_cores", lambda: 16)
+    assert run.plan_jobs(3, gpu=False) == (3, 5)
+    with pytest.raises(ValueError, match="--jobs"):
+        run.plan_jobs(3, gpu=False, jobs=0)
+
+
+def test_parallel_runs_equal_sequential_runs(demo_out, tmp_path):
+    """Runs in worker processes give the numbers of the same runs one after another
+    (same threads): nothing is shared between them but the population."""
+    out, _ = demo_out
+    scores = {}
+    for jobs in (1, 2):
+        dest = tmp_path / f"jobs{jobs}"
+        proc = subprocess.run([sys.executable, "-m", "icl", "demo", "--quick", "--out", str(dest), "--data-dir",
+                               str(out / "data"), "--peer", "none", "--iterations", "6", "--jobs", str(jobs),
+                               "--threads", "1", "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = json.loads((dest / "metrics.json").read_text())
+        assert m["jobs"] == jobs and m["torch_threads"] == 1
+        scores[jobs] = {r["method"]: r["test"] for r in m["runs"]}
+    assert set(scores[1]) == {"supervised", "icl"}
+    assert scores[1] == scores[2]

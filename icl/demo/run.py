@@ -27,7 +27,7 @@ CLASSES = {1: "GM", 2: "WM"}
 # What `--method icl` means in the demo: the library's default ICL configuration
 # (README "The benchmark" gives the measurements behind it).
 ICL_DEFAULTS: Dict = {}
-PEERS = ("mean-teacher", "fixmatch")
+PEERS = ("mean-teacher", "fixmatch", "unimatch")
 DEFAULT_PEER = "fixmatch"
 DEFAULT_ITERATIONS = 1000
 DEFAULT_LABELED_SLICES = 2
@@ -114,13 +114,14 @@ def _family_dice(cases, families: Dict[str, str]) -> Dict[str, float]:
 
 
 NAMES = {"supervised": "supervised only", "icl": "ICL", "mean-teacher": "Mean Teacher", "fixmatch": "FixMatch",
+         "unimatch": "UniMatch",
          "full": "fully supervised"}
 
 
 def run_demo(out: str = "icl-demo", quick: bool = False, full: bool = False, seeds: Optional[int] = None,
              data_dir: Optional[str] = None, labeled_slices: Optional[int] = None, peer: Optional[str] = None,
              iterations: Optional[int] = None, device: Optional[str] = None, backend: str = "auto",
-             progress: bool = True, log=print) -> Dict:
+             progress: bool = True, jobs: Optional[int] = None, threads: Optional[int] = None, log=print) -> Dict:
     import torch
 
     gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -142,6 +143,9 @@ def run_demo(out: str = "icl-demo", quick: bool = False, full: bool = False, see
             raise ValueError(f"--iterations must be >= 1, got {iterations}")
         s.iterations = iterations
         s.val_every = max(1, min(s.val_every, iterations))
+    for name, v in (("--jobs", jobs), ("--threads", threads)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
     s.full = full
     os.makedirs(out, exist_ok=True)
     root = data_dir or os.path.join(out, "data")
@@ -153,9 +157,6 @@ def run_demo(out: str = "icl-demo", quick: bool = False, full: bool = False, see
     log(f"labeled: {s.labeled_slices} slices of one subject; unlabeled: the other {n_train - s.labeled_slices} "
         f"training slices ({meta['counts']['train'] - 1} subjects); {s.iterations} iterations per run, "
         f"{s.seeds} seed(s)")
-    from icl.data import build_source
-
-    source = build_source("acdc", root, 3)
     with open(os.path.join(root, "test.list")) as fh:
         test_names = [line.strip() for line in fh if line.strip()]
     methods = [("supervised", "supervised", s.labeled_fraction, {})]
@@ -164,37 +165,28 @@ def run_demo(out: str = "icl-demo", quick: bool = False, full: bool = False, see
     methods.append(("icl", "icl", s.labeled_fraction, dict(s.icl)))
     if s.full:
         methods.append(("full", "supervised", 1.0, {}))
-    runs: List[Dict] = []
-    examples: Dict[str, Dict[str, np.ndarray]] = {}
-    for seed in range(s.seeds):
-        for label, method, fraction, extra in methods:
-            run_dir = os.path.join(out, "runs", f"{label}-seed{seed}")
-            log(f"[{NAMES[label]}, seed {seed}] training")
-            result, wall = _train(root, run_dir, method, fraction, s, seed, device, backend, progress, **extra)
-            model = result.model.backbone if hasattr(result.model, "backbone") else result.model
-            best = os.path.join(run_dir, "checkpoints", "best.pt")
-            if os.path.isfile(best):  # evaluate the best-validation weights, as the trainer's test does
-                from icl import checkpoint as C
-
-                C.load_state(model, C.backbone_state(C.load(best)), what=best)
-            dev = next(model.parameters()).device
-            res = _evaluate(model, source, test_names, dev, s.size)
-            scores = _scores(res["summary"])
-            scores.update({f"dice_{k}": v for k, v in _family_dice(res["cases"], families).items()})
-            runs.append({"method": label, "seed": seed, "run_dir": os.path.relpath(run_dir, out),
-                         "wall_s": round(wall, 1), "iterations": result.iteration,
-                         "it_per_s": round(result.iteration / wall, 2), "best": result.metrics.get("best"),
-                         "test": scores})
-            if seed == 0:
-                examples[label] = res["predictions"]
-            log(f"[{NAMES[label]}, seed {seed}] test mean Dice {scores['dice_mean']:.4f} "
-                f"(T1-like {scores.get('dice_t1', float('nan')):.4f}, other contrasts "
-                f"{scores.get('dice_other', float('nan')):.4f}; {wall:.0f} s)")
+    tasks = [dict(root=root, out=out, label=label, method=method, fraction=fraction, extra=extra, s=s, seed=seed,
+                  device=device, backend=backend, test_names=test_names, families=families)
+             for seed in range(s.seeds) for label, method, fraction, extra in methods]
+    jobs, threads = plan_jobs(len(tasks), gpu, jobs, threads)
+    log(f"{len(tasks)} run(s), {jobs} at a time, {threads} thread(s) each"
+        + (" (--jobs, --threads to change)" if jobs > 1 else ""))
+    if jobs == 1:
+        torch.set_num_threads(threads)
+        results = []
+        for t in tasks:
+            log(f"[{NAMES[t['label']]}, seed {t['seed']}] training")
+            results.append(_run_one(dict(t, progress=progress)))
+            _log_result(log, results[-1][0])
+    else:
+        results = _run_parallel(tasks, jobs, threads, progress, log)
+    runs = [r for r, _ in results]
+    examples = {r["method"]: preds for r, preds in results if r["seed"] == 0}
     summary = _summarize(runs)
     metrics = {"settings": asdict(s), "data": {"root": os.path.abspath(root), "counts": meta["counts"],
                                                "test_contrast": families},
                "runs": runs, "summary": summary, "wall_s": round(time.perf_counter() - t_start, 1),
-               "device": str(device or ("cuda" if gpu else "cpu")), "torch_threads": torch.get_num_threads()}
+               "device": str(device or ("cuda" if gpu else "cpu")), "torch_threads": threads, "jobs": jobs}
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2)
     figures = _figures(out, runs, examples, root, families)
@@ -202,6 +194,129 @@ def run_demo(out: str = "icl-demo", quick: bool = False, full: bool = False, see
     log("\n" + _table(summary) + "\n")
     log(f"report: {report}")
     return metrics
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_jobs(n_runs: int, gpu: bool, jobs: Optional[int] = None, threads: Optional[int] = None):
+    """(runs at a time, threads per run). CPU default: one run per usable core, at
+    most ``n_runs``, the cores shared out between them (on 2 cores: 2 runs of 1
+    thread, which also makes each run the benchmark's one-thread run). GPU
+    default: one run at a time on the device's default threads."""
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    cores = usable_cores()
+    if jobs is None:
+        jobs = 1 if gpu else max(1, min(n_runs, cores))
+    jobs = min(jobs, max(1, n_runs))
+    if threads is None:
+        threads = max(1, cores // jobs)
+    return jobs, threads
+
+
+def _run_one(task: Dict):
+    """Train one run and test its best-validation checkpoint. Returns (run record, test predictions)."""
+    from icl.data import build_source
+
+    s, seed, label = task["s"], task["seed"], task["label"]
+    run_dir = os.path.join(task["out"], "runs", f"{label}-seed{seed}")
+    result, wall = _train(task["root"], run_dir, task["method"], task["fraction"], s, seed, task["device"],
+                          task["backend"], task.get("progress", False), **task["extra"])
+    model = result.model.backbone if hasattr(result.model, "backbone") else result.model
+    best = os.path.join(run_dir, "checkpoints", "best.pt")
+    if os.path.isfile(best):  # evaluate the best-validation weights, as the trainer's test does
+        from icl import checkpoint as C
+
+        C.load_state(model, C.backbone_state(C.load(best)), what=best)
+    dev = next(model.parameters()).device
+    source = build_source("acdc", task["root"], 3)
+    res = _evaluate(model, source, task["test_names"], dev, s.size)
+    scores = _scores(res["summary"])
+    scores.update({f"dice_{k}": v for k, v in _family_dice(res["cases"], task["families"]).items()})
+    run = {"method": label, "seed": seed, "run_dir": os.path.relpath(run_dir, task["out"]),
+           "wall_s": round(wall, 1), "iterations": result.iteration,
+           "it_per_s": round(result.iteration / wall, 2), "best": result.metrics.get("best"), "test": scores}
+    return run, (res["predictions"] if seed == 0 else None)
+
+
+def _run_in_worker(task: Dict, threads: int):
+    """One run in a worker process: its own thread count, its output in the run folder's stdout.log."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(threads)
+    run_dir = os.path.join(task["out"], "runs", f"{task['label']}-seed{task['seed']}")
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with open(run_dir + ".stdout.log", "w") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        return _run_one(task)
+
+
+# a run's relative cost, to start the longest first (measured: ICL ~2.6x, the peers ~1.6-1.9x supervised)
+_COST = {"icl": 3, "fixmatch": 2, "mean-teacher": 2, "unimatch": 2, "full": 1, "supervised": 1}
+
+
+def _log_result(log, run: Dict) -> None:
+    sc = run["test"]
+    log(f"[{NAMES[run['method']]}, seed {run['seed']}] test mean Dice {sc['dice_mean']:.4f} "
+        f"(T1-like {sc.get('dice_t1', float('nan')):.4f}, other contrasts "
+        f"{sc.get('dice_other', float('nan')):.4f}; {run['wall_s']:.0f} s)")
+
+
+def _iterations_logged(task: Dict) -> int:
+    path = os.path.join(task["out"], "runs", f"{task['label']}-seed{task['seed']}", "log.csv")
+    try:
+        with open(path, "rb") as fh:
+            return max(0, fh.read().count(b"\n") - 1)
+    except OSError:
+        return 0
+
+
+def _run_parallel(tasks: List[Dict], jobs: int, threads: int, progress: bool, log):
+    """Runs in ``jobs`` spawned worker processes, longest first; one progress bar
+    over all iterations (read from the runs' log.csv). Results in ``tasks`` order."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    order = sorted(range(len(tasks)), key=lambda i: -_COST.get(tasks[i]["label"], 1))
+    results: List = [None] * len(tasks)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(t["s"].iterations for t in tasks), desc="training", unit="it", dynamic_ncols=True)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(_run_in_worker, tasks[i], threads): i for i in order}
+        while pending:
+            done, _ = wait(list(pending), timeout=2.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = pending.pop(fut)
+                try:
+                    results[i] = fut.result()
+                except Exception as exc:
+                    run_dir = os.path.join(tasks[i]["out"], "runs", f"{tasks[i]['label']}-seed{tasks[i]['seed']}")
+                    raise RuntimeError(f"{NAMES[tasks[i]['label']]}, seed {tasks[i]['seed']}: {exc} "
+                                       f"(its output: {run_dir}.stdout.log)") from exc
+                if bar is not None:
+                    with bar.external_write_mode():
+                        _log_result(log, results[i][0])
+                else:
+                    _log_result(log, results[i][0])
+            if bar is not None:
+                bar.n = sum(tasks[i]["s"].iterations if results[i] else _iterations_logged(tasks[i])
+                            for i in range(len(tasks)))
+                bar.refresh()
+    if bar is not None:
+        bar.close()
+    return results
 
 
 def _summarize(runs: List[Dict]) -> Dict:
@@ -226,7 +341,7 @@ def _table(summary: Dict) -> str:
     head = (f"{'method':<18} {'Dice GM':>8} {'Dice WM':>8} {'Dice mean':>10} {'T1-like':>8} {'other':>8} "
             f"{'HD95 mean':>10}")
     lines = ["test subjects (per-subject means)", head, "-" * len(head)]
-    for key in ("supervised", "mean-teacher", "fixmatch", "icl", "full"):
+    for key in ("supervised", "mean-teacher", "fixmatch", "unimatch", "icl", "full"):
         if key not in summary:
             continue
         v = summary[key]["test"]
@@ -318,7 +433,8 @@ def _report(out: str, m: Dict, figures: Dict[str, str]) -> str:
              f"unlabeled slices of {c['train'] - 1} other subjects; {c['val']} validation and {c['test']} test "
              f"subjects ({fams.count('t1')} T1-like, {fams.count('other')} other contrasts), {st['size']}x{st['size']} "
              f"px. {st['iterations']} iterations per run; batch {st['batch_size']} ({st['labeled_bs']} labeled); "
-             f"{st['seeds']} seed(s); device {m['device']}, {m['torch_threads']} threads; total wall time "
+             f"{st['seeds']} seed(s); device {m['device']}, {m.get('jobs', 1)} run(s) at a time, "
+             f"{m['torch_threads']} thread(s) each; total wall time "
              f"{m['wall_s']:.0f} s. The best checkpoint on the validation subjects is tested.", "",
              "Dice is a fraction in [0, 1]; HD95 in pixels. Means over test subjects"
              + (" and over seeds (± one standard deviation of the mean Dice, in points)" if st["seeds"] > 1 else "")
