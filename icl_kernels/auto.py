@@ -62,12 +62,6 @@ def cpu_prefers_unfused(tokens: int, channels: int, heads: int, rows: int) -> bo
     return work <= UNFUSED_MAX_WORK or (ratio <= EVEN_RATIO and work <= EVEN_MAX_WORK)
 
 
-def cpu_op_order(tokens: int, channels: int, rows: int) -> List[str]:
-    """`auto`'s backend preference for the op on CPU tensors (every shape: the cpu
-    kernel, then torch for dtypes it does not take; see the module docstring)."""
-    return ["cpu", "torch"]
-
-
 def cuda_op_order(channels: int) -> List[str]:
     """`auto`'s backend preference for the op on CUDA tensors."""
     order = ["cuda", "triton", "torch"]
@@ -76,10 +70,10 @@ def cuda_op_order(channels: int) -> List[str]:
     return order
 
 
-def op_order(device_type: str, tokens: int, channels: int, rows: int) -> Optional[List[str]]:
-    """The preference order of `auto` for the op (None: the registry's default for the device)."""
+def op_order(device_type: str, channels: int) -> Optional[List[str]]:
+    """The preference order of `auto` for the op (None: the registry's default for
+    the device; on CPU that is the cpu kernel at every measured shape, then torch
+    for dtypes the kernel does not take: see the module docstring)."""
     if device_type == "cuda":
         return cuda_op_order(channels)
-    if device_type == "cpu":
-        return cpu_op_order(tokens, channels, rows)
     return None

@@ -434,10 +434,11 @@ def test_auto_order_on_cuda_tensors_skips_cuda_for_wide_tokens():
 
     op = importlib.import_module("icl_kernels.ops.proxy_attention")  # the module, not the function
 
-    rows = SimpleNamespace(shape=(1, 8, 512))
     # only .device and .shape are read, so stand-ins describe CUDA inputs without a GPU
     narrow = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 4, 512))
     wide = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 4, 768))
-    assert op._auto_order(narrow, rows)[0] == "cuda"
-    assert "cuda" not in op._auto_order(wide, rows) and op._auto_order(wide, rows)[0] == "triton"
-    assert op._auto_order(SimpleNamespace(device=torch.device("meta"), shape=(1, 4, 8)), rows) is None
+    assert op._auto_order(narrow)[0] == "cuda"
+    assert "cuda" not in op._auto_order(wide) and op._auto_order(wide)[0] == "triton"
+    assert op._auto_order(SimpleNamespace(device=torch.device("meta"), shape=(1, 4, 8))) is None
+    # on CPU the registry's order: the cpu kernel first
+    assert op._auto_order(SimpleNamespace(device=torch.device("cpu"), shape=(1, 4, 8))) is None

@@ -28,15 +28,15 @@ OP = "proxy_attention"
 CUDA_MAX_CHANNELS = auto.CUDA_MAX_CHANNELS  # widest tokens the CUDA kernels take
 
 
-def _auto_order(x: Tensor, A: Tensor) -> Optional[Sequence[str]]:
-    """`auto`'s preference for these inputs (:mod:`icl_kernels.auto`): on CPU the
-    measured cpu-vs-torch rule, on CUDA the CUDA kernels then Triton (C > 512:
-    Triton only)."""
-    return auto.op_order(x.device.type, x.shape[1], x.shape[-1], A.shape[1])
+def _auto_order(x: Tensor) -> Optional[Sequence[str]]:
+    """`auto`'s preference for these tokens (:mod:`icl_kernels.auto`): on CUDA the
+    CUDA kernels then Triton (C > 512: Triton only); elsewhere the registry's
+    order for the device (on CPU: the cpu kernel, then torch)."""
+    return auto.op_order(x.device.type, x.shape[-1])
 
 
 def _run_backend(name: str, x: Tensor, A: Tensor):
-    be = backends.resolve(OP, name, x.device, _auto_order(x, A), dtype=x.dtype)
+    be = backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
     return be.kernels(OP)
 
 
@@ -192,6 +192,6 @@ def proxy_attention(
         eps = float(eps)
     if not torch.compiler.is_compiling():
         # Fail at the call site (not inside autograd) when a named backend cannot run.
-        backends.resolve(OP, name, x.device, _auto_order(x, A), dtype=x.dtype)
+        backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
     Z, S, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, name)
     return Z, S
