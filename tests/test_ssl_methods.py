@@ -123,6 +123,26 @@ def test_method_config_errors(acdc, tmp_path):
 
 
 # ------------------------------------------------------------------- views
+def test_unimatch_feature_perturbation_drops_channels_and_trains_both_halves():
+    from icl.methods.unimatch import perturbed_logits
+    from icl.models.unet import UNet2D
+
+    torch.manual_seed(0)
+    net = UNet2D(1, 3).eval()  # eval: the encoder's own dropout is off, only the perturbation acts
+    x = torch.rand(2, 1, 32, 32)
+    plain = net(x)
+    torch.manual_seed(1)
+    a = perturbed_logits(net, x)
+    torch.manual_seed(1)
+    b = perturbed_logits(net, x)
+    assert a.shape == plain.shape and torch.equal(a, b)  # follows the torch seed
+    assert not torch.allclose(a, plain)  # perturbed even in eval mode
+    assert torch.allclose(perturbed_logits(net, x, p=0.0), plain, atol=1e-6)
+    a.square().mean().backward()
+    assert net.encoder.in_conv.conv_conv[0].weight.grad.abs().sum() > 0
+    assert net.decoder.out_conv.weight.grad.abs().sum() > 0
+
+
 def test_intensity_curve_keeps_background_and_range():
     torch.manual_seed(0)
     x = torch.rand(6, 2, 16, 16)
