@@ -118,3 +118,14 @@ def test_parallel_runs_equal_sequential_runs(demo_out, tmp_path):
         scores[jobs] = {r["method"]: r["test"] for r in m["runs"]}
     assert set(scores[1]) == {"supervised", "icl"}
     assert scores[1] == scores[2]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where --backend cuda fails")
+def test_a_failing_parallel_run_is_a_one_line_usage_error(demo_out, tmp_path):
+    out, _ = demo_out
+    proc = subprocess.run([sys.executable, "-m", "icl", "demo", "--quick", "--out", str(tmp_path / "d"),
+                           "--data-dir", str(out / "data"), "--backend", "cuda", "--jobs", "2", "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "seed 0" in err[0] and "--backend cuda" in err[0] and "stdout.log" in err[0]

@@ -281,10 +281,10 @@ def _iterations_logged(task: Dict) -> int:
 
 
 def _run_parallel(tasks: List[Dict], jobs: int, threads: int, progress: bool, log):
-    """Runs in ``jobs`` spawned worker processes, longest first; one progress bar
-    over all iterations (read from the runs' log.csv). Results in ``tasks`` order."""
+    """Runs in ``jobs`` spawned worker processes (a fresh one per run), longest
+    first; one progress bar over all iterations (read from the runs' log.csv).
+    A failed run stops the others at once. Results in ``tasks`` order."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     order = sorted(range(len(tasks)), key=lambda i: -_COST.get(tasks[i]["label"], 1))
     results: List = [None] * len(tasks)
@@ -293,18 +293,20 @@ def _run_parallel(tasks: List[Dict], jobs: int, threads: int, progress: bool, lo
         from tqdm import tqdm
 
         bar = tqdm(total=sum(t["s"].iterations for t in tasks), desc="training", unit="it", dynamic_ncols=True)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        pending = {pool.submit(_run_in_worker, tasks[i], threads): i for i in order}
+    pool = mp.get_context("spawn").Pool(jobs, maxtasksperchild=1)
+    try:
+        pending = {i: pool.apply_async(_run_in_worker, (tasks[i], threads)) for i in order}
         while pending:
-            done, _ = wait(list(pending), timeout=2.0, return_when=FIRST_COMPLETED)
-            for fut in done:
-                i = pending.pop(fut)
+            time.sleep(1.0)
+            for i in [i for i, r in pending.items() if r.ready()]:
                 try:
-                    results[i] = fut.result()
+                    results[i] = pending.pop(i).get()
                 except Exception as exc:
-                    run_dir = os.path.join(tasks[i]["out"], "runs", f"{tasks[i]['label']}-seed{tasks[i]['seed']}")
-                    raise RuntimeError(f"{NAMES[tasks[i]['label']]}, seed {tasks[i]['seed']}: {exc} "
-                                       f"(its output: {run_dir}.stdout.log)") from exc
+                    t = tasks[i]
+                    run_dir = os.path.join(t["out"], "runs", f"{t['label']}-seed{t['seed']}")
+                    msg = f"{NAMES[t['label']]}, seed {t['seed']}: {exc} (its output: {run_dir}.stdout.log)"
+                    # a bad option stays a usage error (exit 2), anything else a fault
+                    raise (ValueError if isinstance(exc, ValueError) else RuntimeError)(msg) from exc
                 if bar is not None:
                     with bar.external_write_mode():
                         _log_result(log, results[i][0])
@@ -314,8 +316,14 @@ def _run_parallel(tasks: List[Dict], jobs: int, threads: int, progress: bool, lo
                 bar.n = sum(tasks[i]["s"].iterations if results[i] else _iterations_logged(tasks[i])
                             for i in range(len(tasks)))
                 bar.refresh()
-    if bar is not None:
-        bar.close()
+        pool.close()
+    except BaseException:
+        pool.terminate()  # the other runs would only delay the error (or the interrupt)
+        raise
+    finally:
+        pool.join()
+        if bar is not None:
+            bar.close()
     return results
 
 
