@@ -18,7 +18,9 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -141,6 +143,61 @@ def cuda_decision(want, torch_version, torch_cuda, cuda_home, toolkit, cuda_sour
         return True, f"torch {torch_version} (CUDA {torch_cuda}) and toolkit {cuda_home}"
 
 
+# A symbol every C++ error message with a number in it reaches (c10::str -> ostream << long).
+_LIBSTDCXX_PROBE_SYMBOL = "_ZNSo9_M_insertIlEERSoT_"
+
+
+def links_libstdcxx_statically(cxx: str) -> bool | None:
+    """Whether ``cxx`` puts a private copy of libstdc++ into the shared objects it
+    links (True/False; None: could not tell). Seen on a toolchain in /opt/gcc
+    (g++ 13.3) on an H200 machine: the copy inside _C then formats numbers with
+    locale facets that belong to the process's own libstdc++ and crashed (SIGSEGV)
+    in every error message with a number in it."""
+    nm = shutil.which("nm")
+    if nm is None or not sys.platform.startswith("linux"):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src, so = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as fh:
+            fh.write("#include <sstream>\n#include <string>\n"
+                     "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+        try:
+            subprocess.run([cxx, "-shared", "-fPIC", src, "-o", so], check=True, capture_output=True, timeout=120)
+            out = subprocess.run([nm, "--defined-only", so], check=True, capture_output=True, text=True,
+                                 timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None  # the real build reports a broken compiler better than a probe can
+    return any(line.split()[-1] == _LIBSTDCXX_PROBE_SYMBOL for line in out.splitlines() if line.strip())
+
+
+def loaded_libstdcxx(maps: str = "/proc/self/maps") -> str | None:
+    """Path of the libstdc++ this process runs with (torch's), from the memory map."""
+    try:
+        with open(maps) as fh:
+            for line in fh:
+                path = line.split()[-1] if line.split() else ""
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def libstdcxx_link_args(cxx: str) -> list[str]:
+    """Linker inputs that make _C use the process's libstdc++ when ``cxx`` would
+    link a private copy: that library, by path, ahead of the compiler's own
+    (whatever it resolves, the static archive no longer supplies)."""
+    if not links_libstdcxx_statically(cxx):
+        return []
+    lib = loaded_libstdcxx()
+    if lib is None:
+        log(f"warning: {cxx} links libstdc++ statically into shared objects and the running libstdc++ was not "
+            "found; error messages of the kernels may crash (set CXX to another compiler)")
+        return []
+    log(f"{cxx} links libstdc++ statically into shared objects; linking {lib} (the one torch runs with) instead")
+    return [lib]
+
+
 def extension_modules():
     if os.environ.get("ICL_BUILD_NO_EXT", "0") == "1":
         log("ICL_BUILD_NO_EXT=1: not building the C++/CUDA extension")
@@ -177,6 +234,7 @@ def extension_modules():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fopenmp: at::parallel_for is inline OpenMP code; without it the loops run serially.
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]  # torch adds the C++ standard it needs
+    link_args = ["-fopenmp"] + libstdcxx_link_args(os.environ.get("CXX", "c++"))  # cpp_extension's compiler
     log(f"torch {torch.__version__}, python {sys.version.split()[0]}, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
     log(f"C++ CPU kernels: {', '.join(sources)}")
     if build_cuda:
@@ -191,7 +249,7 @@ def extension_modules():
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
             },
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_args,
         )
     else:
         log(f"CUDA kernels: OFF ({why})")
@@ -199,7 +257,7 @@ def extension_modules():
             "icl_kernels._C",
             sources,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_args,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -220,7 +220,8 @@ def _setup_functions():
     with open(path) as fh:
         tree = ast.parse(fh.read())
     keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef))
-            or (isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and t.id == "HERE" for t in n.targets))]
+            or (isinstance(n, ast.Assign)
+                and all(isinstance(t, ast.Name) and t.id in ("HERE", "_LIBSTDCXX_PROBE_SYMBOL") for t in n.targets))]
     ns = {"__file__": path}
     exec(compile(ast.Module(body=keep, type_ignores=[]), path, "exec"), ns)
     return ns
@@ -241,3 +242,45 @@ def test_setup_falls_back_to_cpu_on_a_toolkit_of_another_major_version(tmp_path)
     assert ok, why
     ok, why = decide("0", "2.11.0", "13.0", str(root), "13.0", ["csrc/cuda/x.cu"])
     assert not ok and why == "ICL_BUILD_CUDA=0"
+
+
+def _defined_symbols(path):
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm")
+    out = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="ELF shared objects")
+def test_extension_uses_the_process_libstdcxx():
+    """No private libstdc++ inside _C: its ostream code would use locale facets of
+    the process's libstdc++ and crash in error messages with numbers (seen on a GPU
+    machine whose g++ linked libstdc++ statically; setup.py now links around it)."""
+    require_extension()
+    ns = _setup_functions()
+    assert ns["_LIBSTDCXX_PROBE_SYMBOL"] not in _defined_symbols(shared_object())
+    with pytest.raises(ValueError, match="A has width C=9 but x has C=8"):  # a message with numbers
+        torch.ops.icl_kernels._proxy_attention_forward(torch.randn(1, 10, 8), torch.randn(1, 2, 9),
+                                                       torch.randn(1, 2), None)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or not os.sys.platform.startswith("linux"), reason="needs g++ (ELF)")
+def test_setup_links_around_a_static_libstdcxx(tmp_path):
+    ns = _setup_functions()
+    static_gxx = tmp_path / "g++-static"
+    static_gxx.write_text('#!/bin/sh\nexec g++ "$@" -static-libstdc++\n')
+    static_gxx.chmod(0o755)
+    if ns["links_libstdcxx_statically"]("g++") is not False:
+        pytest.skip("this machine's g++ does not link libstdc++ as a shared library")
+    assert ns["links_libstdcxx_statically"](str(static_gxx)) is True
+    lib = ns["loaded_libstdcxx"]()
+    assert lib is not None and os.path.basename(lib).startswith("libstdc++.so")
+    assert ns["libstdcxx_link_args"](str(static_gxx)) == [lib]
+    assert ns["libstdcxx_link_args"]("g++") == []
+    # the remedy: with that library ahead of the compiler's, no private copy is linked
+    src, so = tmp_path / "p.cpp", tmp_path / "p.so"
+    src.write_text("#include <sstream>\n#include <string>\n"
+                   "std::string probe(long v) { std::ostringstream s; s << v; return s.str(); }\n")
+    subprocess.run([str(static_gxx), "-shared", "-fPIC", str(src), lib, "-o", str(so)], check=True)
+    assert ns["_LIBSTDCXX_PROBE_SYMBOL"] not in _defined_symbols(str(so))

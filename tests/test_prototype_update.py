@@ -673,14 +673,16 @@ def test_gpu_matches_reference(backend, dtype, layout, deterministic):
         Kc, Cc = probs.shape[1], feats.shape[1]
         tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
         for kw in ({"labels": labels}, {"probs": probs}):
-            dev_kw = {k: v.cuda() for k, v in kw.items()}
-            f = feats.cuda().requires_grad_()
+            # detach(): for float64, .double() is the tensor itself, and a reference copy that
+            # requires grad would turn the next .cuda() copy into a non-leaf (no .grad)
+            dev_kw = {k: v.detach().cuda() for k, v in kw.items()}
+            f = feats.detach().cuda().requires_grad_()
             extra = {k: v.requires_grad_() for k, v in dev_kw.items() if v.dtype.is_floating_point}
             buf = torch.zeros(Kc, Cc, device="cuda")
             means, totals = masked_prototype_update_(buf, f, momentum=0.0, backend=backend,
                                                      deterministic=deterministic, **dev_kw)
-            fr = feats.double().requires_grad_()
-            pr = probs.double().requires_grad_() if "probs" in kw else None
+            fr = feats.detach().double().requires_grad_()
+            pr = probs.detach().double().requires_grad_() if "probs" in kw else None
             sums_r, totals_r = R.prototype_update_math(
                 fr.flatten(2), labels.flatten(1) if "labels" in kw else None,
                 probs=pr.flatten(2) if pr is not None else None, num_classes=Kc)
