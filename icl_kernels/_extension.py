@@ -5,7 +5,7 @@ Importing ``icl_kernels`` never fails because of the extension: the `cpu` and
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -20,14 +20,23 @@ def is_loaded() -> bool:
     return LOAD_ERROR is None
 
 
+# Answers of the dispatcher, asked once: the extension registers its kernels when
+# it is imported and nothing registers more later, while the question is asked on
+# every call of an op (backend resolution) and costs tens of microseconds.
+_HAS_KERNEL: Dict[Tuple[str, str], bool] = {}
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``icl_kernels::<op>`` has a kernel registered for the dispatch key."""
     if not is_loaded():
         return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"icl_kernels::{op}", dispatch_key)
-    except RuntimeError:  # the op schema itself is unknown
-        return False
+    key = (op, dispatch_key)
+    if key not in _HAS_KERNEL:
+        try:
+            _HAS_KERNEL[key] = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"icl_kernels::{op}", dispatch_key))
+        except RuntimeError:  # the op schema itself is unknown
+            _HAS_KERNEL[key] = False
+    return _HAS_KERNEL[key]
 
 
 def load_error_message() -> str:
