@@ -17,6 +17,20 @@ def supervised_loss(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return F.cross_entropy(logits, labels.long()) + dice_loss(torch.softmax(logits, dim=1), onehot)
 
 
+def confident_pseudo_labels(weak_logits: Tensor, threshold: float):
+    """(hard labels, confident mask) of a weak view: the softmax argmax, and where its
+    probability reaches ``threshold`` (FixMatch's rule, used by every method here)."""
+    conf, hard = F.softmax(weak_logits.float(), 1).max(1)
+    return hard, conf >= threshold
+
+
+def masked_ce(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-pixel cross-entropy against ``target``; pixels outside ``mask`` count as
+    zero in the mean over all pixels (FixMatch's normalisation)."""
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    return (ce * mask).sum() / mask.numel()
+
+
 class Method:
     """One semi-supervised (or supervised) training method.
 

@@ -9,9 +9,8 @@ the threshold count as zero in the mean."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import Method, logits_of, supervised_loss
+from .base import Method, confident_pseudo_labels, logits_of, masked_ce, supervised_loss
 from .views import strong_view
 
 
@@ -30,10 +29,9 @@ class FixMatch(Method):
     def losses(self, out, y_lab, iteration):
         logits_lab, logits_strong, weak, keep = out
         sup = supervised_loss(logits_lab, y_lab, self.num_classes)
-        conf, pseudo = F.softmax(weak.float(), 1).max(1)
-        mask = (conf >= self.cfg.confidence_threshold) & keep
-        ce = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
-        unsup = (ce * mask).sum() / mask.numel()
+        pseudo, confident = confident_pseudo_labels(weak, self.cfg.confidence_threshold)
+        mask = confident & keep
+        unsup = masked_ce(logits_strong, pseudo, mask)
         self._mask = float(mask.float().mean())
         total = self.weights["supervised"] * sup + self.weights["pseudo"] * unsup
         return {"total": total, "supervised": sup, "pseudo": unsup}

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch.nn.functional as F
 
 from ..losses import LossWeights, icl_losses
-from .base import Method, logits_of, ramp
+from .base import Method, confident_pseudo_labels, logits_of, masked_ce, ramp
 from .views import strong_intensity, strong_view
 
 VIEWS = ("one", "weak-strong", "weak-strong-all", "weak-strong-confident", "one-confident")
@@ -90,10 +89,9 @@ class ICLMethod(Method):
         four = {k: v for k, v in self.weights.items() if k != "confident"}
         terms = icl_losses(out, y_lab, self.num_classes, LossWeights(**four), consistency_scale=self._scale)
         if self.cfg.icl_views in CONFIDENT:
-            conf, hard = F.softmax(out.logits_unlab.detach().float(), dim=1).max(1)
-            mask = (conf >= self.cfg.confidence_threshold) & keep
-            ce = F.cross_entropy(strong.float(), hard, reduction="none")
-            confident = (ce * mask).sum() / mask.numel()
+            hard, confident_px = confident_pseudo_labels(out.logits_unlab.detach(), self.cfg.confidence_threshold)
+            mask = confident_px & keep
+            confident = masked_ce(strong, hard, mask)
             self._mask = float(mask.float().mean())
             terms["confident"] = confident
             terms["total"] = terms["total"] + self.weights["confident"] * confident

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, logits_of, supervised_loss
+from .base import Method, confident_pseudo_labels, logits_of, masked_ce, supervised_loss
 from .views import strong_view
 
 FEATURE_DROPOUT = 0.5
@@ -68,16 +68,10 @@ class UniMatch(Method):
     def losses(self, out, y_lab, iteration):
         logits_lab, logits_s1, logits_s2, logits_fp, weak, keep1, keep2 = out
         sup = supervised_loss(logits_lab, y_lab, self.num_classes)
-        conf, pseudo = F.softmax(weak.float(), 1).max(1)
-        confident = conf >= self.cfg.confidence_threshold
-
-        def masked_ce(logits, keep):
-            ce = F.cross_entropy(logits.float(), pseudo, reduction="none")
-            return (ce * keep).sum() / keep.numel()
-
-        parts = {"strong1": masked_ce(logits_s1, confident & keep1),
-                 "strong2": masked_ce(logits_s2, confident & keep2),
-                 "feature": masked_ce(logits_fp, confident)}
+        pseudo, confident = confident_pseudo_labels(weak, self.cfg.confidence_threshold)
+        parts = {"strong1": masked_ce(logits_s1, pseudo, confident & keep1),
+                 "strong2": masked_ce(logits_s2, pseudo, confident & keep2),
+                 "feature": masked_ce(logits_fp, pseudo, confident)}
         unsup = sum(self.STREAM_SHARES[k] * v for k, v in parts.items())
         self._mask = float(confident.float().mean())
         total = self.weights["supervised"] * sup + self.weights["pseudo"] * unsup
