@@ -61,6 +61,11 @@ METHODS: Dict[str, tuple] = {
                               "400"], "budget"),
     "icl-ws-memory": ("ICL, weak-strong views, prototype memory",
                       ["--method", "icl", "--icl-views", "weak-strong", "--global-queries", "memory"], "budget"),
+    "icl-joint": ("ICL, one backbone pass over labeled and unlabeled images",
+                  ["--method", "icl", "--icl-passes", "joint"], "budget"),
+    "icl-confident-joint": ("ICL + confident weak-to-strong pseudo-labels, one backbone pass",
+                            ["--method", "icl", "--icl-views", "weak-strong-confident", "--icl-passes", "joint"],
+                            "budget"),
     "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
 }
 DEFAULT_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]

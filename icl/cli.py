@@ -62,6 +62,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="icl: one view of the unlabeled batch (published), weak targets for USCL on a strong "
                         "view, also for the backbone's strong-view prediction (all), or plus FixMatch's confident "
                         "hard-label term on the backbone's strong view (*-confident)")
+    g.add_argument("--icl-passes", choices=["split", "joint"], default=S,
+                   help="icl: the backbone sees labeled and unlabeled images in separate passes (split, "
+                        "published: BatchNorm statistics per part) or in one (joint)")
     g.add_argument("--mixer", choices=["conv", "mlp"], default=S)
     g.add_argument("--global-queries", choices=["memory", "batch"], default=S)
     g.add_argument("--faithful", action="store_true", default=S, help="published head quirks (for equivalence)")

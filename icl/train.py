@@ -94,6 +94,7 @@ class TrainConfig:
     model_options: Optional[Dict[str, Any]] = None
     method: str = "icl"
     icl_views: str = "one"
+    icl_passes: str = "split"
     mixer: str = "conv"
     global_queries: str = "batch"
     faithful: bool = False

@@ -38,7 +38,8 @@ def _log(out):
 @pytest.mark.parametrize("method,extra", [
     ("supervised", {}), ("mean-teacher", {}), ("fixmatch", {}), ("unimatch", {}), ("icl", {}), ("icl", {"icl_views": "weak-strong"}),
     ("icl", {"icl_views": "weak-strong-all"}), ("icl", {"icl_views": "weak-strong-confident"}),
-    ("icl", {"icl_views": "one-confident", "confidence_threshold": 0.6}),
+    ("icl", {"icl_views": "one-confident", "confidence_threshold": 0.6}), ("icl", {"icl_passes": "joint"}),
+    ("icl", {"icl_views": "weak-strong-confident", "icl_passes": "joint"}),
 ])
 def test_each_method_learns(acdc, tmp_path, method, extra):
     out = tmp_path / "run"
@@ -107,6 +108,8 @@ def test_method_config_errors(acdc, tmp_path):
         TrainConfig(**_cfg(acdc, tmp_path, method="mean-teacher", loss_weights={"auxiliary": 1.0})).resolve()
     with pytest.raises(ConfigError, match="--icl-views"):
         TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_views="three")).resolve()
+    with pytest.raises(ConfigError, match="--icl-passes 'both'"):
+        TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_passes="both")).resolve()
     with pytest.raises(ConfigError, match="'confident' term needs --icl-views"):
         TrainConfig(**_cfg(acdc, tmp_path, method="icl", loss_weights={"confident": 2.0})).resolve()
     TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_views="one-confident",
@@ -120,6 +123,35 @@ def test_method_config_errors(acdc, tmp_path):
         TrainConfig(**_cfg(acdc, tmp_path, method="unimatch", model="swinunetr")).resolve()
     assert set(METHODS) == {"supervised", "icl", "mean-teacher", "fixmatch", "unimatch"}
     assert get_method("fixmatch").name == "fixmatch"
+
+
+def test_icl_joint_pass_equals_split_passes_without_batch_statistics():
+    """With BatchNorm on running statistics and no dropout (eval mode) the joint pass
+    computes what the two separate passes do; in training mode it normalises the
+    labeled and unlabeled images together, so the labeled outputs change."""
+    from icl.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("unet2d", 1, 3, (32, 32), mixer="conv", backend="torch").double()
+    x_lab, x_un, x_strong = (torch.randn(2, 1, 32, 32, dtype=torch.float64) for _ in range(3))
+    y = torch.randint(0, 3, (2, 32, 32))
+    net.eval()
+    for strong in (None, x_strong):
+        a = net.forward_train(x_lab, x_un, y, x_unlab_strong=strong)
+        b = net.forward_train(x_lab, x_un, y, x_unlab_strong=strong, joint=True)
+        for name in ("logits_lab", "logits_unlab", "logits_unlab_strong", "maps_lab", "maps_unlab",
+                     "maps_unlab_sspa", "queries_lab"):
+            va, vb = getattr(a, name), getattr(b, name)
+            for ta, tb in zip(*(v if isinstance(v, list) else [v] for v in (va, vb))):
+                torch.testing.assert_close(ta, tb, rtol=1e-10, atol=1e-10, msg=name)
+    net.train()
+    torch.manual_seed(1)
+    a = net.forward_train(x_lab, x_un, y)
+    torch.manual_seed(1)
+    b = net.forward_train(x_lab, x_un, y, joint=True)
+    assert not torch.allclose(a.logits_lab, b.logits_lab)
+    b.logits_lab.sum().backward()
+    assert all(p.grad is not None for p in net.backbone.parameters() if p.requires_grad)
 
 
 # ------------------------------------------------------------------- views

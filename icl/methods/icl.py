@@ -21,7 +21,14 @@ the backbone's decoder maps, the four published loss terms
 - ``"one-confident"``: the published one-view stream unchanged, plus the same
   ``confident`` term on a separate strong view (one more backbone pass).
 The consistency weight is multiplied by the sigmoid ramp-up of
-``consistency_rampup`` iterations (0: none, as published)."""
+``consistency_rampup`` iterations (0: none, as published).
+
+``icl_passes`` chooses how the backbone sees a batch: ``"split"`` (published)
+runs it on the labeled and the unlabeled images separately, so BatchNorm
+normalises each part with its own statistics and its running statistics (what
+evaluation uses) average two kinds of batches; ``"joint"`` runs it once on
+both (the unlabeled images that get gradients: the strong view in the
+weak-strong modes), as the supervised and FixMatch runs do. Not in the paper."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,6 +39,7 @@ from .base import Method, confident_pseudo_labels, logits_of, masked_ce, ramp
 from .views import strong_intensity, strong_view
 
 VIEWS = ("one", "weak-strong", "weak-strong-all", "weak-strong-confident", "one-confident")
+PASSES = ("split", "joint")
 CONFIDENT = ("weak-strong-confident", "one-confident")
 
 
@@ -50,6 +58,8 @@ class ICLMethod(Method):
         super().check_config(cfg)
         if cfg.icl_views not in VIEWS:
             raise ValueError(f"--icl-views {cfg.icl_views!r}: expected one of {', '.join(VIEWS)}")
+        if cfg.icl_passes not in PASSES:
+            raise ValueError(f"--icl-passes {cfg.icl_passes!r}: expected one of {', '.join(PASSES)}")
         if "confident" in (cfg.loss_weights or {}) and cfg.icl_views not in CONFIDENT:
             raise ValueError(f"loss_weights: the 'confident' term needs --icl-views {' or '.join(CONFIDENT)}, "
                              f"got --icl-views {cfg.icl_views}")
@@ -74,7 +84,7 @@ class ICLMethod(Method):
             strong, keep = strong_view(x_unlab)
         else:
             strong = strong_intensity(x_unlab)
-        out = net.forward_train(x_lab, x_unlab, y_lab, x_unlab_strong=strong)
+        out = net.forward_train(x_lab, x_unlab, y_lab, x_unlab_strong=strong, joint=self.cfg.icl_passes == "joint")
         if views == "one-confident":
             image, keep = strong_view(x_unlab)
             out = dataclasses.replace(out, logits_unlab_strong=logits_of(net.backbone, image))

@@ -166,7 +166,7 @@ class ICLNet(nn.Module):
         return [mem().detach().unsqueeze(0) for mem in self.memories]
 
     def forward_train(self, x_lab: Tensor, x_unlab: Tensor, labels_lab: Optional[Tensor] = None,
-                      x_unlab_strong: Optional[Tensor] = None) -> ICLOutputs:
+                      x_unlab_strong: Optional[Tensor] = None, joint: bool = False) -> ICLOutputs:
         """The published training flow (two backbone passes, SSPA twice, USCL once).
 
         With ``x_unlab_strong`` (a perturbed view of ``x_unlab``): the targets of the
@@ -174,7 +174,16 @@ class ICLNet(nn.Module):
         ``x_unlab`` without gradients, and USCL runs on the strong view's
         features, so its maps must agree across the perturbation (one more
         backbone forward, no backward through it).
+
+        ``joint``: the labeled images and the unlabeled ones that get gradients
+        (``x_unlab``, or ``x_unlab_strong`` when given) go through the backbone in
+        one pass instead of two, so its BatchNorm layers normalise them with the
+        statistics of the whole batch (as the supervised and FixMatch runs do) and
+        keep one kind of running statistics. The heads still see each part on its
+        own. Not the published flow (which passes them separately).
         """
+        if joint:
+            return self._forward_train_joint(x_lab, x_unlab, labels_lab, x_unlab_strong)
         logits_lab, feats_lab = self.backbone_features(x_lab)
         maps_lab, queries_lab = self.sspa(feats_lab)
         queries = self._global_queries(queries_lab, labels_lab)
@@ -191,6 +200,25 @@ class ICLNet(nn.Module):
             return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab,
                               logits_unlab_strong=logits_strong)
         return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab)
+
+    def _forward_train_joint(self, x_lab, x_unlab, labels_lab, x_unlab_strong) -> ICLOutputs:
+        L = x_lab.shape[0]
+        strong = x_unlab_strong is not None
+        if strong:
+            with torch.no_grad():
+                logits_unlab, feats_weak = self.backbone_features(x_unlab)
+                maps_unlab_sspa, _ = self.sspa(feats_weak)
+        logits, feats = self.backbone_features(torch.cat([x_lab, x_unlab_strong if strong else x_unlab]))
+        feats_lab, feats_unlab = [f[:L] for f in feats], [f[L:] for f in feats]
+        logits_lab = logits[:L]
+        maps_lab, queries_lab = self.sspa(feats_lab)
+        queries = self._global_queries(queries_lab, labels_lab)
+        if not strong:
+            logits_unlab = logits[L:]
+            maps_unlab_sspa, _ = self.sspa(feats_unlab)
+        maps_unlab, _ = self.uscl(feats_unlab, queries)
+        return ICLOutputs(logits_lab, logits_unlab, maps_lab, maps_unlab, maps_unlab_sspa, queries_lab,
+                          logits_unlab_strong=logits[L:] if strong else None)
 
     def backbone_state_dict(self) -> "Dict[str, Tensor]":
         """The backbone's state_dict with its own keys (what the published scripts export)."""
