@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     d = sub.add_parser("demo", parents=[common],
                        help="ICL vs supervised-only and a semi-supervised peer on a synthetic brain "
-                            "population (offline, about 14 min on 2 CPU cores)")
+                            "population (offline, about 7 min on 2 CPU cores)")
     d.add_argument("--out", default="icl-demo", help="output folder (default ./icl-demo)")
     d.add_argument("--quick", action="store_true", help="a short smoke run (a minute or two)")
     d.add_argument("--full", action="store_true", help="also train the fully supervised upper bound")
