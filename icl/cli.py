@@ -80,6 +80,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--consistency-rampup", type=float, default=S, help="sigmoid ramp-up length (0: none)")
     g.add_argument("--confidence-threshold", type=float, default=S,
                    help="fixmatch, unimatch, icl *-confident views: softmax confidence a pseudo-label needs (default 0.95)")
+    g.add_argument("--loss-weights", type=_loss_weights, metavar="TERM=W,...", default=S,
+                   help="override the method's loss weights, e.g. pseudo=0,consistency=10 (icl); "
+                        "a method refuses terms it does not have")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S)
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--deterministic", action="store_true", default=S)
@@ -95,6 +98,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overlap", type=float, default=S, help="3D sliding-window overlap")
     g.add_argument("--no-test", dest="test", action="store_false", default=S, help="skip the final test evaluation")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+
+
+def _loss_weights(text: str) -> Dict[str, float]:
+    """``a=1,b=0.5`` -> {"a": 1.0, "b": 0.5} (argparse turns the ValueError into a usage error)."""
+    out: Dict[str, float] = {}
+    for item in text.split(","):
+        term, sep, value = item.partition("=")
+        term = term.strip()
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or not term or weight is None or weight != weight or weight in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT[,TERM=WEIGHT...] with finite numbers, "
+                                             f"got {item!r} in {text!r}")
+        out[term] = weight
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,16 @@ def test_bad_arguments(roots, tmp_path, capsys):
     code, err = _run(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--root", roots["acdc"],
                       "--out", str(tmp_path / "e")], capsys)
     _one_line_error(code, err, "nope.pt", "not found")
+    with pytest.raises(SystemExit) as ei:
+        main(["train", "--loss-weights", "pseudo=0,consistency"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'consistency'" in err and "TERM=WEIGHT" in err
+    code, err = _run(BASE + out + ["--dataset", "acdc", "--root", roots["acdc"], "--labeled-num", "3",
+                                   "--patch-size", "32", "32", "--loss-weights", "pseudo=0,bogus=1"], capsys)
+    _one_line_error(code, err, "loss_weights", "'bogus'")
+    from icl.cli import _loss_weights
+    assert _loss_weights("pseudo=0, consistency=12.5") == {"pseudo": 0.0, "consistency": 12.5}
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 0.1\n")
     code, err = _run(BASE + out + ["--config", str(bad)], capsys)

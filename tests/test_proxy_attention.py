@@ -295,23 +295,80 @@ def test_unavailable_backend_says_why(monkeypatch):
         proxy_attention(x, A, c, backend="triton")
 
 
-def test_backward_runs_on_forward_backend(monkeypatch):
+@pytest.mark.parametrize("path", ["eager", "registered op"])
+def test_backward_runs_on_forward_backend(monkeypatch, path):
     """Changing the environment between forward and backward does not switch kernels."""
+    from icl_kernels import _compiled
+
     calls = []
-    fwd, bwd = backends._REGISTRY["torch"].kernels("proxy_attention")
+    for name, module in (("cpu", _compiled), ("torch", reference)):
+        original = module.proxy_attention_backward
+
+        def spy(*args, _name=name, _original=original):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(module, "proxy_attention_backward", spy)
     x, A, c = make_inputs(1, 10, 4, 2)
     x.requires_grad_()
-    Z, S = proxy_attention(x, A, c, backend="cpu")
+    if path == "eager":
+        Z, S = proxy_attention(x, A, c, backend="cpu")
+    else:
+        Z, S, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, None, "cpu")
     monkeypatch.setenv("ICL_KERNELS_BACKEND", "torch")
-    original = backends.Backend.kernels
-
-    def spy(self, op):
-        calls.append(self.name)
-        return original(self, op)
-
-    monkeypatch.setattr(backends.Backend, "kernels", spy)
     Z.sum().backward()
     assert calls == ["cpu"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_eager_path_equals_registered_op(backend, eps):
+    """Eager calls skip the custom-op machinery (host time) through an autograd
+    Function over the same kernels: values and gradients are bitwise the op's."""
+    x, A, c = make_inputs(2, 37, 10, 4, dtype=torch.float32, contiguous=False)
+    gZ, gS = torch.randn(2, 4, 10), torch.randn(2, 4, 37)
+    got, want = [], []
+    for out, call in ((got, lambda x, A, c: proxy_attention(x, A, c, eps=eps, backend=backend)),
+                      (want, lambda x, A, c: torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, backend)[:2])):
+        xs, As, cs = (t.detach().clone().requires_grad_() for t in (x, A, c))
+        Z, S = call(xs, As, cs)
+        assert Z.grad_fn is not None and S.grad_fn is not None
+        torch.autograd.backward([Z, S], [gZ, gS])
+        out.extend([Z.detach(), S.detach(), xs.grad, As.grad, cs.grad])
+        assert xs.grad.stride() == xs.stride()  # dx in x's layout, as the fake kernel promises
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_only_for_plain_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from icl_kernels.ops.proxy_attention import _eager_path
+
+    x, A, c = make_inputs(1, 10, 4, 2)
+    assert _eager_path(x, A.clone().requires_grad_(), torch.nn.Parameter(c.clone()))
+    assert not _eager_path(x.to("meta"), A, c)
+    mode = FakeTensorMode()
+    fx, fA, fc = (mode.from_tensor(t) for t in (x, A, c))
+    assert not _eager_path(fx, A, c)
+    with mode:
+        Z, S = proxy_attention(fx, fA, fc, backend="torch")
+        assert Z.shape == (1, 2, 4) and S.shape == (1, 2, 10)
+
+
+@pytest.mark.parametrize("path", ["eager", "registered op"])
+def test_no_double_backward(path):
+    x, A, c = (t.requires_grad_() for t in make_inputs(1, 10, 4, 2))
+    if path == "eager":
+        Z, _ = proxy_attention(x, A, c, backend="cpu")
+    else:
+        Z, _, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, None, "cpu")
+    # first-order gradients with create_graph=True work (as for any op) ...
+    gx, = torch.autograd.grad((Z * Z).sum(), x, create_graph=True, retain_graph=True)
+    want, = torch.autograd.grad((Z * Z).sum(), x)
+    assert torch.equal(gx, want) and gx.requires_grad
+    # ... differentiating them fails loudly instead of dropping this op's terms
+    with pytest.raises(RuntimeError, match="double backward|no autograd formula"):
+        gx.sum().backward()
 
 
 # -- bad input -------------------------------------------------------------------

@@ -108,6 +108,8 @@ def test_method_config_errors(acdc, tmp_path):
         TrainConfig(**_cfg(acdc, tmp_path, method="mean-teacher", loss_weights={"auxiliary": 1.0})).resolve()
     with pytest.raises(ConfigError, match="--icl-views"):
         TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_views="three")).resolve()
+    with pytest.raises(ConfigError, match="weights must be numbers >= 0"):
+        TrainConfig(**_cfg(acdc, tmp_path, method="icl", loss_weights={"pseudo": -1.0})).resolve()
     with pytest.raises(ConfigError, match="--icl-passes 'both'"):
         TrainConfig(**_cfg(acdc, tmp_path, method="icl", icl_passes="both")).resolve()
     with pytest.raises(ConfigError, match="'confident' term needs --icl-views"):

@@ -62,6 +62,9 @@ class Method:
             if bad:
                 raise ValueError(f"loss_weights: unknown term(s) {bad} for --method {cls.name}; "
                                  f"expected some of {sorted(cls.default_weights)}")
+            negative = {k: v for k, v in cfg.loss_weights.items() if not float(v) >= 0}
+            if negative:
+                raise ValueError(f"loss_weights: weights must be numbers >= 0, got {negative}")
         if cls.uses_unlabeled and cfg.labeled_bs >= cfg.batch_size:
             raise ValueError(f"--labeled-bs {cfg.labeled_bs} leaves no unlabeled slot in --batch-size "
                              f"{cfg.batch_size} (--method {cls.name} trains on unlabeled images too)")

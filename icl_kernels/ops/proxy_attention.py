@@ -107,6 +107,63 @@ def _backward(ctx, grad_Z, grad_S, grad_lse):
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerProxyAttention(torch.autograd.Function):
+    """The registered op's forward and backward without the custom-op machinery
+    (argument normalisation, redispatch through autograd and the backend key,
+    output alias checks), which costs more host time than a small kernel launch.
+    Eager calls on plain tensors take this path (see :func:`_eager_path`);
+    torch.compile, fake tensors, tensor subclasses and functorch transforms take
+    the registered op. Both run the same backend kernels."""
+
+    @staticmethod
+    def forward(ctx, x, A, c, eps, kernels):
+        forward, backward = kernels
+        Z, S, lse = forward(x, A, c, eps)
+        ctx.save_for_backward(x, A, c, Z, lse)
+        ctx.eps = eps
+        ctx.backward_kernel = backward
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return Z, S, lse
+
+    @staticmethod
+    def backward(ctx, grad_Z, grad_S, grad_lse):
+        if grad_Z is None and grad_S is None:
+            return None, None, None, None, None
+        x, A, c, Z, lse = ctx.saved_tensors
+        with torch.no_grad():
+            dx, dA, dc = ctx.backward_kernel(grad_Z, grad_S, x, A, c, Z, lse, ctx.eps)
+            dx = _like_x(x, dx)
+        if torch.is_grad_enabled():  # create_graph=True: differentiating these gradients must fail loudly
+            dx, dA, dc = _NoDoubleBackward.apply(x, A, c, dx, dA, dc)
+        return dx, dA, dc, None, None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises, as the registered
+    op does (its backward has no autograd formula), instead of silently
+    dropping this op's second-order terms."""
+
+    @staticmethod
+    def forward(ctx, x, A, c, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError("proxy_attention: no double backward (its gradients are not differentiable)")
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_path(*tensors: Tensor) -> bool:
+    """True for an eager call on plain (not fake, meta or subclass) tensors outside
+    any functorch transform, where the autograd Function is exactly the op."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(t) in _PLAIN and not t.is_meta for t in tensors)
+
+
 # Fake implementations of the raw compiled kernels, so they too can be traced
 # (torch.compile, opcheck) when called directly.
 if _extension.is_loaded():
@@ -190,8 +247,12 @@ def proxy_attention(
     name = backends.requested_name(backend)
     if eps is not None:
         eps = float(eps)
+    if _eager_path(x, A, c):
+        # Also fails at the call site (not inside autograd) when a named backend cannot run.
+        be = backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
+        Z, S, _ = _EagerProxyAttention.apply(x, A, c, eps, be.kernels(OP))
+        return Z, S
     if not torch.compiler.is_compiling():
-        # Fail at the call site (not inside autograd) when a named backend cannot run.
         backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
     Z, S, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, name)
     return Z, S
