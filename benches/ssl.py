@@ -71,6 +71,9 @@ METHODS: Dict[str, tuple] = {
     "icl-confident-aux-only": ("FixMatch term + ICL's supervised and auxiliary terms (ICL's unlabeled terms weighted 0)",
                                ["--method", "icl", "--icl-views", "weak-strong-confident", "--loss-weights",
                                 "pseudo=0,consistency=0"], "budget"),
+    "icl-confident-aux-only-joint": ("FixMatch term + ICL's supervised and auxiliary terms, one backbone pass",
+                                     ["--method", "icl", "--icl-views", "weak-strong-confident", "--icl-passes",
+                                      "joint", "--loss-weights", "pseudo=0,consistency=0"], "budget"),
     "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
 }
 DEFAULT_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]
