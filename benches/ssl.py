@@ -74,6 +74,12 @@ METHODS: Dict[str, tuple] = {
     "icl-confident-aux-only-joint": ("FixMatch term + ICL's supervised and auxiliary terms, one backbone pass",
                                      ["--method", "icl", "--icl-views", "weak-strong-confident", "--icl-passes",
                                       "joint", "--loss-weights", "pseudo=0,consistency=0"], "budget"),
+    "icl-confident-joint-no-pseudo": ("ICL + FixMatch term, one backbone pass, pseudo term weighted 0",
+                                      ["--method", "icl", "--icl-views", "weak-strong-confident", "--icl-passes",
+                                       "joint", "--loss-weights", "pseudo=0"], "budget"),
+    "icl-confident-joint-no-consistency": ("ICL + FixMatch term, one backbone pass, consistency term weighted 0",
+                                           ["--method", "icl", "--icl-views", "weak-strong-confident",
+                                            "--icl-passes", "joint", "--loss-weights", "consistency=0"], "budget"),
     "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
 }
 DEFAULT_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]
