@@ -303,18 +303,20 @@ def plot(summary: List[Dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    names = [f"{e['method']}\n({e['labeled_slices']})" for e in summary]
+    many = len(summary) > 8  # long tables: wider figure, slanted names
+    fig, ax = plt.subplots(figsize=(max(9.0, 0.6 * len(summary)), 5 if many else 4))
+    names = [f"{e['method']} ({e['labeled_slices']})" if many else f"{e['method']}\n({e['labeled_slices']})"
+             for e in summary]
     x = np.arange(len(summary))
     for off, key, lab in ((-0.27, "dice_mean", "all test subjects"), (0.0, "dice_t1", "T1-like"),
                           (0.27, "dice_other", "other contrasts")):
         ax.bar(x + off, [e[key] for e in summary], 0.27,
                yerr=[e[key + "_sd"] if np.isfinite(e[key + "_sd"]) else 0 for e in summary], label=lab, capsize=3)
     ax.set_xticks(x)
-    ax.set_xticklabels(names, fontsize=8)
+    ax.set_xticklabels(names, fontsize=8, rotation=35 if many else 0, ha="right" if many else "center")
     ax.set_ylabel("test Dice (GM, WM mean)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
     ax.set_title("label efficiency on the synthetic brain population (mean ± sd over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
