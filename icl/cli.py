@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -109,8 +110,8 @@ def _loss_weights(text: str) -> Dict[str, float]:
         try:
             weight = float(value)
         except ValueError:
-            weight = None
-        if not sep or not term or weight is None or weight != weight or weight in (float("inf"), float("-inf")):
+            weight = math.nan
+        if not sep or not term or not math.isfinite(weight):
             raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT[,TERM=WEIGHT...] with finite numbers, "
                                              f"got {item!r} in {text!r}")
         out[term] = weight
