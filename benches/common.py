@@ -26,7 +26,11 @@ COLUMNS = [
 ]
 
 
-def parse_args(description: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+def parse_args(description: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+               argv: Optional[Sequence[str]] = None, check_device: bool = True) -> argparse.Namespace:
+    """The shared options (plus ``extra``'s) parsed from ``argv`` (default: the command line).
+    ``check_device=False`` accepts ``--device cuda`` without a GPU (to check a
+    planned command line on another machine; nothing may run then)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (smoke test)")
     p.add_argument("--csv", metavar="FILE", help="append result rows to this CSV file")
@@ -36,9 +40,9 @@ def parse_args(description: str, extra: Optional[Callable[[argparse.ArgumentPars
     p.add_argument("--min-time", type=float, default=None, help="seconds of repeats per measurement")
     if extra is not None:
         extra(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.device.type == "cuda" and not torch.cuda.is_available():
+    if check_device and args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU is visible")
     default_dtype = "bfloat16" if args.device.type == "cuda" else "float32"
     name = args.dtype or default_dtype

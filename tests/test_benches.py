@@ -196,3 +196,102 @@ def test_proxy_attention_crossover_interleaved_quick(tmp_path):
         assert set(got) == {"published-eager", "icl-cpu", "icl-explicit", "icl-auto"}, got.keys()
         for r in got.values():
             assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
+
+
+def _train_step(tmp_path, *extra, timeout=600):
+    """benches.train_step at the tiny CPU config with the given options; the rows as dicts."""
+    csv_path = tmp_path / "train_step.csv"
+    cmd = [sys.executable, "-m", "benches.train_step", "--quick", "--device", "cpu", "--no-breakdown",
+           "--csv", str(csv_path), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(csv_path, newline="") as fh:
+        reader = csv.reader(fh)
+        header, body = next(reader), list(reader)
+    check_csv("train_step", header, body, None)
+    return [dict(zip(COLUMNS, r)) for r in body], proc.stdout
+
+
+def _measured(rows, provider, mode, dtype, metric="time"):
+    got = [r for r in rows if (r["provider"], r["mode"], r["dtype"], r["metric"]) == (provider, mode, dtype, metric)]
+    assert len(got) == 1, (provider, mode, dtype, metric, [r["unit"] for r in got])
+    return got[0]
+
+
+def test_train_step_providers_eager_float32_and_bf16(tmp_path):
+    """The three providers the GPU check compares, eager, float32 and bf16 autocast:
+    a time row each (ms, p20 <= p50 <= p80, a plausible size), the attention path
+    each took (published: explicit; the fused providers: fused, the torch backend
+    being named), and the default model described as build_model's defaults."""
+    rows, out = _train_step(tmp_path, "--providers", "published-formulation,faithful-fused,icl-fused-conv",
+                            "--amp", "none,bf16", "--attention-backend", "torch")
+    for prov in ("published-formulation", "faithful-fused", "icl-default"):  # icl-fused-conv is the default model
+        for dtype in ("float32", "bfloat16"):
+            r = _measured(rows, prov, "eager", dtype)
+            assert r["unit"] == "ms" and r["shape"].startswith("cfg=quick2d"), r
+            p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+            assert 0.5 < p20 <= p50 <= p80 < 60_000, r
+            assert float(_measured(rows, prov, "eager", dtype, "first_step")["p50"]) > 0
+            assert _measured(rows, prov, "eager", dtype, "peak_memory")["unit"].startswith("info: n/a on cpu")
+            paths = _measured(rows, prov, "eager", dtype, "attention")["unit"]
+            if prov == "published-formulation":
+                assert paths.startswith("info: 0 of ") and paths.endswith(" explicit") and " 0 explicit" not in paths
+            else:
+                assert " 0 explicit" in paths and not paths.startswith("info: 0 of"), paths
+    model = _measured(rows, "icl-default", "eager", "float32", "model")["unit"]
+    assert "build_model defaults" in model and "mixer=conv" in model and "faithful=False" in model, model
+    assert "icl-fused-conv" not in {r["provider"] for r in rows}
+    assert "[train_step] cfg=quick2d" in out
+
+
+def test_train_step_compiled_rows_come_from_compiled_code(tmp_path):
+    """--compile default through the cheap aot_eager backend (inductor on CPU takes
+    minutes): the compiled row exists beside the eager one, dynamo captured a graph,
+    the compile time is reported apart (first_step well above the per-step time);
+    a provider that cannot run writes an error row and the run goes on."""
+    with pytest.warns(UserWarning, match="wrote error rows"):  # the bf16 rows below
+        rows, _ = _train_step(tmp_path, "--providers", "faithful-fused", "--amp", "none,bf16", "--compile", "none",
+                              "default", "--compile-backend", "aot_eager", "--attention-backend", "cpu", timeout=900)
+    eager = _measured(rows, "faithful-fused", "eager", "float32")
+    comp = _measured(rows, "faithful-fused", "compile-aot_eager", "float32")
+    assert eager["unit"] == comp["unit"] == "ms"
+    assert 0.5 < float(comp["p50"]) < 60_000
+    info = _measured(rows, "faithful-fused", "compile-aot_eager", "float32", "compiled")["unit"]
+    assert info.startswith("info: dynamo captured ") and not info.startswith("info: dynamo captured 0"), info
+    first = float(_measured(rows, "faithful-fused", "compile-aot_eager", "float32", "first_step")["p50"])
+    assert first * 1e3 > 5 * float(comp["p50"]), (first, comp["p50"])  # tracing counted there, not in the timing
+    # the cpu backend has no bfloat16 kernels: both bf16 rows say so, nothing crashed
+    for mode in ("eager", "compile-aot_eager"):
+        bad = _measured(rows, "faithful-fused", mode, "bfloat16")
+        assert bad["unit"].startswith("error: ") and "bfloat16" in bad["unit"] and not bad["p50"], bad
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--compile", "fast"], "--compile: unknown ['fast']"),
+    (["--amp", "fp16"], "GradScaler"),
+    (["--amp", "bf16", "--dtype", "float32"], "--amp and --dtype"),
+    (["--providers", "published"], "--providers: unknown ['published']"),
+    (["--configs", "acdc"], "--configs: unknown ['acdc']"),
+    (["--compile", "reduce-overhead", "--compile-backend", "aot_eager"], "inductor options"),
+])
+def test_train_step_refuses_bad_arguments(argv, message):
+    from benches import train_step
+
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        train_step.parse_args(argv, check_device=False)
+
+
+def test_train_step_matrix_lists_every_measurement():
+    from benches import train_step
+
+    args = train_step.parse_args(["--device", "cuda", "--configs", "acdc2d", "--amp", "none,bf16",
+                                  "--compile", "none,default", "reduce-overhead",
+                                  "--providers", "published-formulation,faithful-fused,icl-default"],
+                                 check_device=False)
+    m = train_step.matrix(args)
+    assert len(m) == 1 * 3 * 2 * 3
+    assert m[0] == ("cfg=acdc2d;B=8+8;patch=256x256;K=4", "published-formulation", "float32", "eager")
+    assert {x[3] for x in m} == {"eager", "compile-default", "compile-reduce-overhead"}
+    assert {x[2] for x in m} == {"float32", "bfloat16"}
