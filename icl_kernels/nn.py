@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from . import auto, backends
-from .ops.proxy_attention import proxy_attention
+from .ops.proxy_attention import eager_path, resolve_kernels
+from .ops.proxy_attention_block import proxy_attention_block
 
 _warned_dropout_fallback = False
 
@@ -149,52 +150,32 @@ class ProxyAttention(nn.Module):
 
     def forward(self, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
         self._check_forward_inputs(q, x)
-        if self.training and self.attn_drop.p > 0:
+        mods = self._modules  # plain dict lookups: Module.__getattr__ costs ~1 us a call
+        if self.training and mods["attn_drop"].p > 0:
             _warn_dropout_fallback()
             return self.forward_explicit(q, x)
-        B, K, C = q.shape
-        N = x.shape[1]
-        H, d = self.num_heads, self.head_dim
-        if self._auto_unfused(x, N, K):
+        if self._auto_unfused(x, x.shape[1], q.shape[1]):
             return self.forward_explicit(q, x)
-        Q = self._split(self.fc_q(q), B, K)                      # [B, H, K, d]
-        w_k, w_v = self.fc_kv.weight.view(2, H, d, C).unbind(0)  # [H, d, C] each
-        bias = self.fc_kv.bias
-        G = torch.einsum("bhkd,hdc->bhkc", Q, w_k) * self.scale   # key projection on the queries
-        if bias is not None:
-            b_k, b_v = bias.view(2, H, d).unbind(0)
-            c = torch.einsum("bhkd,hd->bhk", Q, b_k) * self.scale
+        Wq, bq = _weight_and_bias(mods["fc_q"])
+        Wkv, bkv = _weight_and_bias(mods["fc_kv"])
+        Wp, bp = _weight_and_bias(mods["proj"])
+        norm = mods.get("norm_x")
+        eps = gamma = beta = None
+        if norm is not None:
+            gamma, beta = _weight_and_bias(norm)
+            eps = norm.eps
+        name = backends.requested_name(self.backend)
+        tensors = (q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp)
+        if eager_path(*tensors):
+            kern = resolve_kernels(name, x)   # fails here, not in autograd, when a named backend cannot run
         else:
-            b_v = None
-            c = G.new_zeros(B, H, K)
-        eps = None
-        gamma = beta = None
-        if self.norm_x is not None:
-            eps = self.norm_x.eps
-            gamma, beta = self.norm_x.weight, self.norm_x.bias
-            if beta is not None:
-                c = c + torch.einsum("bhkc,c->bhk", G, beta)
-            if gamma is not None:
-                G = G * gamma
-        A_rows = self._rows(G).to(x.dtype)
-        c_rows = self._rows(c).to(x.dtype)
-        Z, S = proxy_attention(x, A_rows, c_rows, eps=eps, backend=self.backend)
-        if self.official_layout:
-            Zh = Z.view(B, H, K, C)
-        else:
-            Zh = Z.view(B, K, H, C).transpose(1, 2)
-        if gamma is not None:
-            Zh = Zh * gamma
-        if beta is not None:
-            Zh = Zh + beta
-        O = torch.einsum("bhkc,hdc->bhkd", Zh.to(w_v.dtype), w_v)   # value projection after the attention
-        if b_v is not None:
-            O = O + b_v.view(1, H, 1, d)
-        out = self.proj_drop(self.proj(self._merge(O, B, K)))
-        if self.official_layout:
-            attn = S.view(B, H, K, N).permute(0, 2, 1, 3)
-        else:
-            attn = S.view(B, K, H, N)
+            if not torch.compiler.is_compiling():
+                resolve_kernels(name, x)
+            kern = name                       # traced: the registered ops
+        out, attn = proxy_attention_block(*tensors, self.num_heads, self.official_layout, self.scale, eps, kern)
+        drop = mods["proj_drop"]
+        if drop.p > 0:
+            out = drop(out)
         return out, attn
 
     def _auto_unfused(self, x: Tensor, N: int, K: int) -> bool:
@@ -234,6 +215,16 @@ class ProxyAttention(nn.Module):
             raise ValueError(f"ProxyAttention: x must be [B, N, {self.dim}], got shape {tuple(x.shape)}")
         if q.shape[0] != x.shape[0]:
             raise ValueError(f"ProxyAttention: q has batch {q.shape[0]} but x has batch {x.shape[0]}")
+
+
+def _weight_and_bias(module: nn.Module):
+    """(weight, bias) of a Linear or LayerNorm (None where absent), read from its
+    parameter dict when it is the plain class (a parametrized module computes
+    them: ask it)."""
+    if type(module) in (nn.Linear, nn.LayerNorm):
+        params = module._parameters
+        return params.get("weight"), params.get("bias")
+    return getattr(module, "weight", None), getattr(module, "bias", None)
 
 
 def _check_dims(dim: int, num_heads: int) -> None:

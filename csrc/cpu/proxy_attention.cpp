@@ -431,8 +431,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_attention_backward_cpu(
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), M = A_in.size(1);
   // dx keeps x's memory layout (a [B, C, N] buffer viewed as [B, N, C] gets the same view).
   auto dx = at::empty_like(x);
-  auto dA = at::zeros({B, M, C}, x.options());
-  auto dc = at::zeros({B, M}, x.options());
+  auto dA = at::empty({B, M, C}, x.options());  // written whole by the reduction below
+  auto dc = at::empty({B, M}, x.options());
   if (B == 0) return {dx, dA, dc};
   if (M == 0) {
     dx.zero_();
@@ -470,6 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_attention_backward_cpu(
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / M, m = i % M;
         acc_t csum = 0;
+        std::fill(dAp + i * C, dAp + (i + 1) * C, scalar_t(0));
         for (int64_t s = 0; s < splits; ++s) {
           const int64_t k = (b * splits + s) * M + m;
           const acc_t* src = pdA + k * C;

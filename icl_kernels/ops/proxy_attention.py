@@ -35,24 +35,47 @@ def _auto_order(x: Tensor) -> Optional[Sequence[str]]:
     return auto.op_order(x.device.type, x.shape[-1])
 
 
-def _run_backend(name: str, x: Tensor, A: Tensor):
-    be = backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
-    return be.kernels(OP)
+def resolve_kernels(name: str, x: Tensor):
+    """(forward, backward) kernel functions of the backend that runs these tokens
+    for the requested backend name (raises when a named backend cannot run)."""
+    return backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype).kernels(OP)
 
 
 def _like_x(x: Tensor, dx: Tensor) -> Tensor:
     """dx with x's memory layout (what the fake implementation promises)."""
+    if x.is_contiguous() and dx.stride() == x.stride():  # contiguous: empty_like keeps x's strides
+        return dx
     want = torch.empty_like(x)
     if want.stride() == dx.stride():
         return dx
     return want.copy_(dx)
 
 
+# A call reaches its kernels in one of two ways, chosen once per call and kept
+# for its backward ("kern"): eager calls on plain tensors pass the resolved
+# (forward, backward) functions and run them directly; traced calls
+# (torch.compile, fake tensors, subclasses, functorch) pass the backend *name*
+# and go through the registered ops below, which tracing treats as opaque.
+
+
+def run_forward(x: Tensor, A: Tensor, c: Tensor, eps: Optional[float], kern) -> Tuple[Tensor, Tensor, Tensor]:
+    """(Z, S, lse) of the kernels ``kern`` (a resolved pair, or a backend name)."""
+    if isinstance(kern, str):
+        return torch.ops.icl_kernels.proxy_attention_forward.default(x, A, c, eps, kern)
+    return kern[0](x, A, c, eps)
+
+
+def run_backward(grad_Z, grad_S, x, A, c, Z, lse, eps, kern) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx in x's layout, dA, dc) of the kernels ``kern``."""
+    if isinstance(kern, str):
+        return torch.ops.icl_kernels.proxy_attention_backward.default(grad_Z, grad_S, x, A, c, Z, lse, eps, kern)
+    dx, dA, dc = kern[1](grad_Z, grad_S, x, A, c, Z, lse, eps)
+    return _like_x(x, dx), dA, dc
+
+
 @torch.library.custom_op("icl_kernels::proxy_attention_forward", mutates_args=())
 def _forward_op(x: Tensor, A: Tensor, c: Tensor, eps: Optional[float], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    forward, _ = _run_backend(backend, x, A)
-    Z, S, lse = forward(x, A, c, eps)
-    return Z, S, lse
+    return run_forward(x, A, c, eps, resolve_kernels(backend, x))
 
 
 @_forward_op.register_fake
@@ -74,9 +97,7 @@ def _backward_op(
     eps: Optional[float],
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    _, backward = _run_backend(backend, x, A)
-    dx, dA, dc = backward(grad_Z, grad_S, x, A, c, Z, lse, eps)
-    return _like_x(x, dx), dA, dc
+    return run_backward(grad_Z, grad_S, x, A, c, Z, lse, eps, resolve_kernels(backend, x))
 
 
 @_backward_op.register_fake
@@ -84,23 +105,28 @@ def _backward_fake(grad_Z, grad_S, x, A, c, Z, lse, eps, backend):
     return torch.empty_like(x), torch.empty_like(A), torch.empty_like(c)
 
 
+# -- the autograd definition: one, used by the registered op and by the eager Function
+
+
 def _setup_context(ctx, inputs, output):
-    x, A, c, eps, backend = inputs
+    x, A, c, eps, kern = inputs
     Z, _, lse = output
     ctx.save_for_backward(x, A, c, Z, lse)
     ctx.eps = eps
-    ctx.backend = backend
+    ctx.kern = kern
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_Z, grad_S, grad_lse):
-    x, A, c, Z, lse = ctx.saved_tensors
     if grad_Z is None and grad_S is None:
         return None, None, None, None, None
-    dx, dA, dc = torch.ops.icl_kernels.proxy_attention_backward(
-        grad_Z, grad_S, x, A, c, Z, lse, ctx.eps, ctx.backend
-    )
+    x, A, c, Z, lse = ctx.saved_tensors
+    dx, dA, dc = run_backward(grad_Z, grad_S, x, A, c, Z, lse, ctx.eps, ctx.kern)
+    if torch.is_grad_enabled() and not isinstance(ctx.kern, str):
+        # create_graph=True: differentiating these gradients must fail loudly (the
+        # registered path fails by itself: its backward op has no autograd formula)
+        dx, dA, dc = _NoDoubleBackward.apply(x, A, c, dx, dA, dc)
     return dx, dA, dc, None, None
 
 
@@ -108,35 +134,19 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerProxyAttention(torch.autograd.Function):
-    """The registered op's forward and backward without the custom-op machinery
-    (argument normalisation, redispatch through autograd and the backend key,
-    output alias checks), which costs more host time than a small kernel launch.
-    Eager calls on plain tensors take this path (see :func:`_eager_path`);
-    torch.compile, fake tensors, tensor subclasses and functorch transforms take
-    the registered op. Both run the same backend kernels."""
+    """The registered op's autograd definition (:func:`_setup_context`,
+    :func:`_backward`) over directly called kernels: eager calls on plain
+    tensors skip the custom-op machinery (argument normalisation, redispatch
+    through autograd and the backend key, alias checks), which costs more host
+    time than a small kernel launch."""
 
     @staticmethod
-    def forward(ctx, x, A, c, eps, kernels):
-        forward, backward = kernels
-        Z, S, lse = forward(x, A, c, eps)
-        ctx.save_for_backward(x, A, c, Z, lse)
-        ctx.eps = eps
-        ctx.backward_kernel = backward
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)
-        return Z, S, lse
+    def forward(ctx, x, A, c, eps, kern):
+        output = run_forward(x, A, c, eps, kern)
+        _setup_context(ctx, (x, A, c, eps, kern), output)
+        return output
 
-    @staticmethod
-    def backward(ctx, grad_Z, grad_S, grad_lse):
-        if grad_Z is None and grad_S is None:
-            return None, None, None, None, None
-        x, A, c, Z, lse = ctx.saved_tensors
-        with torch.no_grad():
-            dx, dA, dc = ctx.backward_kernel(grad_Z, grad_S, x, A, c, Z, lse, ctx.eps)
-            dx = _like_x(x, dx)
-        if torch.is_grad_enabled():  # create_graph=True: differentiating these gradients must fail loudly
-            dx, dA, dc = _NoDoubleBackward.apply(x, A, c, dx, dA, dc)
-        return dx, dA, dc, None, None
+    backward = staticmethod(_backward)
 
 
 class _NoDoubleBackward(torch.autograd.Function):
@@ -156,12 +166,15 @@ class _NoDoubleBackward(torch.autograd.Function):
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager_path(*tensors: Tensor) -> bool:
+def eager_path(*tensors: Optional[Tensor]) -> bool:
     """True for an eager call on plain (not fake, meta or subclass) tensors outside
-    any functorch transform, where the autograd Function is exactly the op."""
+    any functorch transform, where calling the kernels directly is exactly the op."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return all(type(t) in _PLAIN and not t.is_meta for t in tensors)
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+
+
+_eager_path = eager_path  # the name the tests know
 
 
 # Fake implementations of the raw compiled kernels, so they too can be traced
@@ -247,12 +260,11 @@ def proxy_attention(
     name = backends.requested_name(backend)
     if eps is not None:
         eps = float(eps)
-    if _eager_path(x, A, c):
+    if eager_path(x, A, c):
         # Also fails at the call site (not inside autograd) when a named backend cannot run.
-        be = backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
-        Z, S, _ = _EagerProxyAttention.apply(x, A, c, eps, be.kernels(OP))
+        Z, S, _ = _EagerProxyAttention.apply(x, A, c, eps, resolve_kernels(name, x))
         return Z, S
     if not torch.compiler.is_compiling():
-        backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
+        resolve_kernels(name, x)
     Z, S, _ = torch.ops.icl_kernels.proxy_attention_forward(x, A, c, eps, name)
     return Z, S
