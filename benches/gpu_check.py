@@ -385,10 +385,14 @@ def training_summary(csv_path: str, planned: List[tuple], since: Optional[_dt.da
         t = num(key, "time")
         row = by.get((*key, "time"))
         status = "ok" if t else (row["unit"] if row else "not measured (the step stopped or did not start)")
+        info = by.get((*key, "compiled"))
+        if t and info:  # what dynamo captured (and whether CUDA graphs were skipped)
+            status += "; " + info["unit"].replace("info: ", "", 1)
         pub = num((shape, "published-formulation", dtype, mode), "time")
         eager = num((shape, prov, dtype, "eager"), "time") if mode != "eager" else ""
         cfg = shape.split(";")[0].replace("cfg=", "")
-        out.append(f"| {cfg} | {dtype} | {mode} | {prov} | {fmt(t, 2)} | {fmt(num(key, 'peak_memory'), 0)} | "
+        peak = fmt(num(key, "peak_memory"), 0) or ("n/a" if t and by.get((*key, "peak_memory")) else "")
+        out.append(f"| {cfg} | {dtype} | {mode} | {prov} | {fmt(t, 2)} | {peak} | "
                    f"{fmt(num(key, 'first_step'))} | {ratio(pub, t) if prov != 'published-formulation' else ''} | "
                    f"{ratio(eager, t)} | {status.replace('|', '/')} |")
     parts = ["backbone", "attention", "spatial_mixing", "losses", "optimizer"]

@@ -472,6 +472,10 @@ def measure(rec: common.Recorder, st: Step, shape: str, prov: str, amp: str, com
         note = f"info: dynamo captured {graphs} graph(s), {breaks} graph break(s)"
         if reasons:
             note += f" (first: {reasons[0].splitlines()[0][:100]})"
+        if st.cudagraph_steps:  # CUDA graphs may be skipped per graph (the reason is in the log): say so
+            from torch._dynamo.utils import counters
+
+            note += f"; CUDA graphs skipped for {int(counters['inductor']['cudagraph_skips'])} graph(s)"
         rec.add(prov, mode, shape, dtype, "compiled", note)
     if compiled is not None:
         import torch._dynamo.config as dc

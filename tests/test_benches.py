@@ -16,6 +16,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,11 +250,9 @@ def test_train_step_providers_eager_float32_and_bf16(tmp_path):
 def test_train_step_compiled_rows_come_from_compiled_code(tmp_path):
     """--compile default through the cheap aot_eager backend (inductor on CPU takes
     minutes): the compiled row exists beside the eager one, dynamo captured a graph,
-    the compile time is reported apart (first_step well above the per-step time);
-    a provider that cannot run writes an error row and the run goes on."""
-    with pytest.warns(UserWarning, match="wrote error rows"):  # the bf16 rows below
-        rows, _ = _train_step(tmp_path, "--providers", "faithful-fused", "--amp", "none,bf16", "--compile", "none",
-                              "default", "--compile-backend", "aot_eager", "--attention-backend", "cpu", timeout=900)
+    the compile time is reported apart (first_step well above the per-step time)."""
+    rows, _ = _train_step(tmp_path, "--providers", "faithful-fused", "--amp", "none", "--compile", "none",
+                          "default", "--compile-backend", "aot_eager", "--attention-backend", "cpu", timeout=900)
     eager = _measured(rows, "faithful-fused", "eager", "float32")
     comp = _measured(rows, "faithful-fused", "compile-aot_eager", "float32")
     assert eager["unit"] == comp["unit"] == "ms"
@@ -262,10 +261,34 @@ def test_train_step_compiled_rows_come_from_compiled_code(tmp_path):
     assert info.startswith("info: dynamo captured ") and not info.startswith("info: dynamo captured 0"), info
     first = float(_measured(rows, "faithful-fused", "compile-aot_eager", "float32", "first_step")["p50"])
     assert first * 1e3 > 5 * float(comp["p50"]), (first, comp["p50"])  # tracing counted there, not in the timing
-    # the cpu backend has no bfloat16 kernels: both bf16 rows say so, nothing crashed
-    for mode in ("eager", "compile-aot_eager"):
-        bad = _measured(rows, "faithful-fused", mode, "bfloat16")
-        assert bad["unit"].startswith("error: ") and "bfloat16" in bad["unit"] and not bad["p50"], bad
+    assert "9 of 9 attention calls fused" in _measured(rows, "faithful-fused", "eager", "float32", "attention")["unit"]
+
+
+def test_train_step_failures_are_row_statuses(monkeypatch):
+    """A compile that fails and a step that cannot run (the cpu backend has no bfloat16
+    kernels) each become an error row naming what failed; nothing is raised."""
+    from benches import common, train_step
+
+    args = train_step.parse_args(["--quick", "--device", "cpu", "--compile", "none,default", "--amp", "none,bf16",
+                                  "--attention-backend", "cpu"])
+    rec = common.Recorder("train_step", common.environment(args.device))
+    arch, patch, lb, ub, k, _ = train_step.CONFIGS["quick2d"]
+    st = train_step.Step("faithful-fused", arch, patch, lb, ub, k, args.device, "cpu")
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("inductor broke")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    line = train_step.measure(rec, st, "cfg=quick2d", "faithful-fused", "none", "default", args, {"min_samples": 1})
+    assert line == "error: torch.compile(backend=inductor, mode=default) failed: RuntimeError: inductor broke"
+    line = train_step.measure(rec, st, "cfg=quick2d", "faithful-fused", "bf16", "none", args, {"min_samples": 1})
+    assert line.startswith("error: ") and "bfloat16" in line, line
+    times = [r for r in rec.rows if r["metric"] == "time"]
+    assert [(r["mode"], r["dtype"], r["p50"]) for r in times] == [("compile-default", "float32", ""),
+                                                                  ("eager", "bfloat16", "")]
+    assert all(r["unit"].startswith("error: ") for r in times)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -154,6 +154,7 @@ def test_summary_has_the_training_table(tmp_path):
             row("icl-default", "eager", "time", "ms", "5", shape=D2 + ";part=backbone"),
             row("published-formulation", "compile-default", "time", "ms", "32"),
             row("published-formulation", "compile-default", "first_step", "s", "61.5"),
+            row("published-formulation", "compile-default", "compiled", "info: dynamo captured 1 graph(s), 0 graph break(s)"),
             row("icl-default", "compile-default", "time", "error: torch.compile(mode=default) failed: X: y")]
     with open(tmp_path / "train_step.csv", "w", newline="") as fh:
         w = _csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -173,6 +174,7 @@ def test_summary_has_the_training_table(tmp_path):
     assert "| 2.00x |" in lines["icl-default/eager"]
     assert "| 32.00 |" in lines["published-formulation/compile-default"] and "| 61.5 |" in lines[
         "published-formulation/compile-default"] and "| 1.25x |" in lines["published-formulation/compile-default"]
+    assert "| ok; dynamo captured 1 graph(s), 0 graph break(s) |" in lines["published-formulation/compile-default"]
     assert "error: torch.compile(mode=default) failed" in lines["icl-default/compile-default"]
     assert "not measured" in lines["faithful-fused/compile-default"]
     assert "Eager breakdown" in text and "| acdc2d | bfloat16 | icl-default | 20.00 | 5.00 |" in text
