@@ -219,7 +219,7 @@ def test_gpu_path_imports_without_optional_packages():
                 if name.split(".")[0] in BLOCK:
                     raise ImportError(f"{name} is not installed (blocked by the test)")
         sys.meta_path.insert(0, Blocker())
-        for m in ("icl_kernels", "icl_kernels.triton", "benches.proxy_attention", "benches.prototype_update",
+        for m in ("icl_kernels", "icl_kernels.triton", "benches.proxy_attention", "benches.prototype_update", "benches.train_step",
                   "benches.gpu_check", "icl", "icl.models"):
             importlib.import_module(m)
         print("imported")
