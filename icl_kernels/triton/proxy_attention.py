@@ -495,7 +495,8 @@ def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelCon
     """A small hand-made table, no autotuning.  Chosen from sm_90 compiles of
     the kernels (no GPU timing yet): among the candidates, the largest tiles
     that compile without register spills (ptxas reports, see compile_report;
-    tests/test_triton_compile.py checks every entry).  One pipeline stage
+    tests/test_triton_compile.py checks every entry), with both Triton 3.6
+    and 3.8, whose ptxas spill in different places.  One pipeline stage
     where two made ptxas spill; 32-token tiles in the backward, where 64
     spilled at 8 warps."""
     Mp, Cp = _pow2(M), _pow2(C)
@@ -510,7 +511,10 @@ def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelCon
                 return KernelConfig(min(Mp, 32), 64, Cp, 0, 8)
             if Cp <= 256:
                 return KernelConfig(16, 32, Cp, 0, 8, 1)
-            return KernelConfig(64, 32, 64, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8, 1)
+            if Mp >= 64:
+                return KernelConfig(64, 32, 64, 0, 8)
+            # 64-channel chunks spilled with Triton 3.6 (ptxas held it to 128 registers).
+            return KernelConfig(16, 32, 128, 0, 8, 1)
         if Cp <= 32:
             return KernelConfig(16, 64, Cp, 0, 4, 1)
         if Cp <= 128:
@@ -523,10 +527,17 @@ def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelCon
             return KernelConfig(16, 32, Cp, 0, 8)
         if Cp <= 256:
             return KernelConfig(16, 32, 128, 0, 8, 1)
+        if Mp > 64:  # rows in several chunks: 32-channel chunks spilled with Triton 3.6
+            return KernelConfig(64, 64, 16, 0, 8)
         return KernelConfig(64, 64, 32, 0, 8) if Mp >= 64 else KernelConfig(16, 32, 64, 0, 8, 1)
     if Cp <= 32:
-        # Rows in several chunks (dA in the partial buffer) spilled at 32 tokens.
-        return KernelConfig(16, 32 if Mp <= 16 else 16, Cp, 0, 8, 1)
+        if Mp > 16:  # rows in several chunks (dA in the partial buffer) spilled at 32 tokens
+            return KernelConfig(16, 16, Cp, 0, 8, 1)
+        if Cp <= 16:
+            return KernelConfig(16, 32, Cp, 0, 8, 1)
+        # C = 32: 32-token tiles spilled (Triton 3.6 at 8 warps, 3.6 and 3.8 at 4 or 2);
+        # 16-token tiles take ~170 registers on 4 or 8 warps, so 4 (more programs per SM).
+        return KernelConfig(16, 16, Cp, 0, 4, 1)
     if Cp <= 128:
         return KernelConfig(16, 32, 64, 0, 8, 1)
     return KernelConfig(16, 32, 32, 0, 8, 1)
