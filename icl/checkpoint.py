@@ -102,9 +102,25 @@ def check_compatible(ckpt: Dict, model_config: Dict, keys=MODEL_KEYS) -> None:
         raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: does not fit this model: {msg}")
 
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile(module) puts before the keys of the module it wraps
+
+
+def strip_compiled_prefix(state: Dict, own_keys) -> Dict:
+    """``state`` without torch.compile's ``_orig_mod.`` key segments when the module's own keys have none
+    (a state_dict saved from a compiled module loads into the plain one; icl's trainer compiles a
+    function, so its own checkpoints never carry the prefix)."""
+    if not any(COMPILED_PREFIX in k for k in state) or any(COMPILED_PREFIX in k for k in own_keys):
+        return state
+    out = OrderedDict((k.replace(COMPILED_PREFIX, ""), v) for k, v in state.items())
+    if len(out) != len(state):  # two keys would become one: leave the mismatch to be reported
+        return state
+    return out
+
+
 def load_state(module: torch.nn.Module, state: Dict, what: str = "checkpoint") -> None:
     """load_state_dict(strict) with a message listing missing/unexpected keys and shape differences."""
     own = module.state_dict()
+    state = strip_compiled_prefix(state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

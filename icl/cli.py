@@ -85,6 +85,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="override the method's loss weights, e.g. pseudo=0,consistency=10 (icl); "
                         "a method refuses terms it does not have")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S)
+    g.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default=S,
+                   help="torch.compile each iteration's forward and losses with this mode (reduce-overhead: "
+                        "CUDA graphs, GPU only); the first iterations compile (minutes on a CPU). Default none")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--deterministic", action="store_true", default=S)
     g.add_argument("--device", default=S, help="cpu, cuda, cuda:1 (default: cuda when available)")

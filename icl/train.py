@@ -27,6 +27,17 @@ Data parallel: start with ``torchrun --nproc_per_node N -m icl train ...``;
 each rank draws its own part of the global batch (``batch_size`` per rank),
 gradients are averaged by DistributedDataParallel, and the prototype memories
 all-reduce their statistics themselves.
+
+``compile`` (``--compile default|reduce-overhead|max-autotune``): each
+iteration's forward and losses (:func:`_forward_losses`, which calls the
+DDP-wrapped step module, so Dynamo's DDPOptimizer splits the graphs at DDP's
+gradient buckets) run through ``torch.compile`` with that mode; the backward
+runs through the compiled graphs, the optimiser step stays eager. The network
+itself is not wrapped, so checkpoints keep its own keys and compiled and eager
+runs resume each other's checkpoints. The random views of the semi-supervised
+methods break graphs (allowed: no ``fullgraph``). Compiled kernels draw their
+random numbers differently from eager ones, so a compiled run does not repeat
+an eager run bitwise.
 """
 from __future__ import annotations
 
@@ -54,6 +65,15 @@ from .errors import ConfigError  # noqa: F401  (re-exported: icl.train.ConfigErr
 from .evaluate import evaluate_cases, json_ready, write_results
 from .inference import autocast
 from .methods.base import supervised_loss  # noqa: F401  (re-exported: icl.train.supervised_loss)
+
+
+#: ``--compile`` values: none (eager), or the ``mode`` given to ``torch.compile`` (default: its default mode).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+#: The ``torch.compile`` backend of ``--compile``. Not a user option: tests set ``"aot_eager"`` (the same
+#: Dynamo graphs and AOTAutograd forward/backward split, run with eager kernels: seconds where inductor's
+#: code generation takes minutes on a CPU). With a backend other than inductor the mode is not passed on.
+_COMPILE_BACKEND = "inductor"
 
 
 class TrainingInterrupted(RuntimeError):
@@ -112,6 +132,7 @@ class TrainConfig:
     consistency_rampup: float = 0.0
     confidence_threshold: float = 0.95  # fixmatch, unimatch and icl's *-confident views: pseudo-labels at or above it
     amp: str = "none"
+    compile: str = "none"  # torch.compile of each iteration's forward and losses: none, default, reduce-overhead, max-autotune
     seed: int = 1337
     deterministic: bool = False
     device: Optional[str] = None
@@ -203,6 +224,8 @@ class TrainConfig:
             raise ConfigError(str(exc)) from exc
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"--amp {self.amp!r}: expected none, bf16 or fp16")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"--compile {self.compile!r}: expected one of {', '.join(COMPILE_MODES)}")
         if self.backend not in ("auto", "triton", "cuda", "cpu", "torch"):
             raise ConfigError(f"--backend {self.backend!r}: expected auto, triton, cuda, cpu or torch")
         if self.max_iterations <= 0:
@@ -317,6 +340,49 @@ class _TrainStep(torch.nn.Module):
 
     def forward(self, x_lab, x_unlab=None, y_lab=None, iteration: int = 0):
         return self.method.forward(self.net, x_lab, x_unlab, y_lab, iteration)
+
+
+def _forward_losses(step_module, method, x_lab, x_unlab, y_lab, iteration: int) -> Dict[str, torch.Tensor]:
+    """One iteration's forward (through the DDP-wrapped step module) and the method's losses: what
+    ``--compile`` compiles. The backward runs through the compiled graphs' autograd; the optimiser
+    step, the EMA teacher update (``after_step``) and logging stay eager."""
+    out = step_module(x_lab, x_unlab, y_lab, iteration)
+    return method.losses(out, y_lab, iteration)
+
+
+def compile_forward_losses(mode: str, backend: Optional[str] = None) -> Callable:
+    """``_forward_losses`` through ``torch.compile`` for ``--compile MODE`` (not fullgraph: the methods'
+    random views and confidence masks break graphs, which ``default`` allows). Each call makes its own
+    entry in Dynamo's cache (``isolate_recompiles``), so several trainers in one process do not use up
+    each other's recompile limit."""
+    backend = backend or _COMPILE_BACKEND
+    kwargs: Dict[str, Any] = {"backend": backend}
+    if backend == "inductor":
+        kwargs["mode"] = None if mode == "default" else mode
+    import inspect
+
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:  # torch >= 2.14
+        kwargs["isolate_recompiles"] = True
+    return torch.compile(_forward_losses, **kwargs)
+
+
+def _dynamic_int(value: int) -> int:
+    """``value`` as an int that torch.compile traces as a symbol from the first call (torch >= 2.9's
+    ``DynamicInt``; plain ints are constants at first and change the graph once, at iteration 1, before
+    Dynamo makes them symbolic: a second compilation). An int to everything else."""
+    try:
+        from torch.fx.experimental.sym_node import DynamicInt
+    except ImportError:
+        return value
+    return DynamicInt(value)
+
+
+def _dynamo_counts() -> Dict[str, int]:
+    """Dynamo's process-wide counts of compiled frames, graphs and graph breaks (a run reports its increase)."""
+    from torch._dynamo.utils import counters
+
+    return {"frames": int(counters["frames"]["ok"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def poly_lr(base_lr: float, it: int, max_it: int, power: float) -> float:
@@ -497,6 +563,12 @@ class _Trainer:
             self.step_module = DDP(step, device_ids=ids)
         else:
             self.step_module = step
+        # --compile: the function, not the module, is compiled, so self.net (what checkpoints hold) keeps
+        # its own state_dict keys (no "_orig_mod." prefix) and compiled and eager runs resume each other
+        self.forward_losses = _forward_losses
+        if cfg.compile != "none":
+            self._compile_base, self._compile_backend = _dynamo_counts(), _COMPILE_BACKEND
+            self.forward_losses = compile_forward_losses(cfg.compile, self._compile_backend)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.base_lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.scaler = None
@@ -621,6 +693,11 @@ class _Trainer:
                         "train_items": len(self.splits.items), "val_cases": len(self.splits.val),
                         "test_cases": len(self.splits.test), "val_origin": self.splits.val_origin},
              "val": self.val_history, "best": self.best, "iteration": self.iteration}
+        if getattr(self, "_compile_base", None) is not None:
+            # what torch.compile made of the step in this run (TORCH_LOGS=graph_breaks says where graphs break)
+            now, base = _dynamo_counts(), self._compile_base
+            m["compile"] = {"mode": self.cfg.compile, "backend": self._compile_backend,
+                            **{k: now[k] - base[k] for k in now}}
         if test is not None:
             m["test"] = test
         elif getattr(self, "_test", None) is not None:
@@ -808,9 +885,11 @@ class _Trainer:
             g["lr"] = lr
         self._lr = lr
         x_unlab = x[L:] if self.method.uses_unlabeled else None
+        if cfg.compile in ("reduce-overhead", "max-autotune"):  # CUDA graph trees (GPU): a new step begins
+            torch.compiler.cudagraph_mark_step_begin()
+        it = self.iteration if cfg.compile == "none" else _dynamic_int(self.iteration)
         with autocast(self.device, cfg.amp):
-            out = self.step_module(x[:L], x_unlab, y[:L], self.iteration)
-            losses = self.method.losses(out, y[:L], self.iteration)
+            losses = self.forward_losses(self.step_module, self.method, x[:L], x_unlab, y[:L], it)
         total = losses["total"].float()
         if not torch.isfinite(total) and self.scaler is None:
             raise FloatingPointError(

@@ -189,6 +189,38 @@ def check_options(cfg) -> None:
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
+    check_compile(getattr(cfg, "compile", "none"), device)
+
+
+def check_compile(mode: str, device) -> None:
+    """``--compile MODE`` must be able to do what it says on ``device`` (checked before any data is read,
+    not minutes into the first iteration's compilation)."""
+    if mode in (None, "none"):
+        return
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"--compile reduce-overhead: its CUDA graphs need a GPU and this run is on {device}, "
+                          f"where it would silently be --compile default; use --compile default or max-autotune")
+    from . import train
+
+    if train._COMPILE_BACKEND != "inductor":  # tests trace with aot_eager: no code generation
+        return
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError(f"--compile {mode}: TorchInductor generates GPU code with Triton, which is not "
+                              f"installed or cannot run here (pip install triton); use --compile none")
+    else:
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except ImportError:  # an older torch: inductor reports a missing compiler itself
+            pass
+        except Exception as exc:
+            raise ConfigError(f"--compile {mode}: TorchInductor compiles CPU code with a C++ compiler and found "
+                              f"none ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); install g++ "
+                              f"or set CXX, or use --compile none") from None
 
 
 def check_against_data(cfg, source, splits) -> None:

@@ -118,6 +118,16 @@ def logits_of(net: nn.Module, x: Tensor) -> Tensor:
 
 def ramp(iteration: int, length: float) -> float:
     """The sigmoid ramp-up exp(-5 (1 - t)^2), t = clip(iteration / length, 0, 1); 1 when length <= 0."""
+    if length <= 0:
+        return 1.0
+    return _ramp_host(iteration, length)
+
+
+@torch.compiler.disable
+def _ramp_host(iteration: int, length: float) -> float:
+    """Under ``torch.compile`` (``--compile``) this Python arithmetic on the iteration runs eagerly (one
+    graph break): traced, ``math.exp`` would bake each iteration's value into the graph and recompile it
+    every iteration until Dynamo's recompile limit sends the step back to eager."""
     from ..losses import consistency_rampup
 
     return consistency_rampup(iteration, length)

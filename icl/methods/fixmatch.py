@@ -32,9 +32,9 @@ class FixMatch(Method):
         pseudo, confident = confident_pseudo_labels(weak, self.cfg.confidence_threshold)
         mask = confident & keep
         unsup = masked_ce(logits_strong, pseudo, mask)
-        self._mask = float(mask.float().mean())
+        self._mask = mask.float().mean().detach()  # read in log_scalars: no host sync (graph break) in the step
         total = self.weights["supervised"] * sup + self.weights["pseudo"] * unsup
         return {"total": total, "supervised": sup, "pseudo": unsup}
 
     def log_scalars(self):
-        return {"mask_ratio": getattr(self, "_mask", 0.0)}
+        return {"mask_ratio": float(getattr(self, "_mask", 0.0))}

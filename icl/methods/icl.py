@@ -102,7 +102,7 @@ class ICLMethod(Method):
             hard, confident_px = confident_pseudo_labels(out.logits_unlab.detach(), self.cfg.confidence_threshold)
             mask = confident_px & keep
             confident = masked_ce(strong, hard, mask)
-            self._mask = float(mask.float().mean())
+            self._mask = mask.float().mean().detach()  # read in log_scalars: no host sync (graph break) in the step
             terms["confident"] = confident
             terms["total"] = terms["total"] + self.weights["confident"] * confident
         return terms
@@ -110,5 +110,5 @@ class ICLMethod(Method):
     def log_scalars(self):
         out = {"consistency_scale": getattr(self, "_scale", 1.0)}
         if self.cfg.icl_views in CONFIDENT:
-            out["mask_ratio"] = getattr(self, "_mask", 0.0)
+            out["mask_ratio"] = float(getattr(self, "_mask", 0.0))
         return out

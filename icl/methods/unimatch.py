@@ -73,9 +73,9 @@ class UniMatch(Method):
                  "strong2": masked_ce(logits_s2, pseudo, confident & keep2),
                  "feature": masked_ce(logits_fp, pseudo, confident)}
         unsup = sum(self.STREAM_SHARES[k] * v for k, v in parts.items())
-        self._mask = float(confident.float().mean())
+        self._mask = confident.float().mean().detach()  # read in log_scalars: no host sync (graph break) in the step
         total = self.weights["supervised"] * sup + self.weights["pseudo"] * unsup
         return {"total": total, "supervised": sup, "pseudo": unsup}
 
     def log_scalars(self):
-        return {"mask_ratio": getattr(self, "_mask", 0.0)}
+        return {"mask_ratio": float(getattr(self, "_mask", 0.0))}

@@ -49,10 +49,15 @@ def strong_intensity(x: Tensor, p_curve: float = 0.5) -> Tensor:
     return out + torch.randn_like(out) * _per_sample(out, 0.0, 0.08)
 
 
+@torch.compiler.disable
 def cutout(x: Tensor, p: float = 0.5, max_frac: float = 0.4):
     """With probability ``p`` per sample, zero a random box of up to ``max_frac`` of
     each side. Returns (image, keep) with keep [B, *S] False inside the boxes, so a
-    loss can ignore pixels whose content was removed."""
+    loss can ignore pixels whose content was removed.
+
+    Host-side Python on random numbers drawn one at a time (whether, how large, where): under
+    ``torch.compile`` (``--compile``) it runs eagerly, one graph break instead of a traced fragment
+    for each draw."""
     out = x.clone()
     spatial = x.shape[2:]
     keep = torch.ones((x.shape[0],) + tuple(spatial), dtype=torch.bool, device=x.device)
