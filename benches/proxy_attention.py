@@ -14,6 +14,10 @@ and backward with respect to q, x and every parameter):
   icl-auto           the same module with ``backend="auto"`` (what users get by default)
 On GPU every provider is also timed replaying a CUDA graph (`<provider>+cudagraph`).
 
+``--overhead`` measures instead the host cost of one eager forward+backward at
+tiny shapes, per backend, against the published module, with dispatched ATen op
+counts (benches/overhead.py, which takes its own options).
+
 ``--crossover`` measures instead the sweep behind `auto`'s CPU rules
 (icl_kernels/auto.py): fwd+bwd of icl-cpu, icl-torch, icl-explicit, icl-auto and
 published-eager over N for the published 2D/3D level widths and the demo's.
@@ -284,12 +288,20 @@ def shape_selected(label: str, only: Optional[str]) -> bool:
 
 
 def main() -> None:
+    import sys
+
+    if "--overhead" in sys.argv[1:]:
+        from . import overhead
+
+        return overhead.main(sys.argv[1:])
     args = common.parse_args(
         __doc__.splitlines()[0],
         lambda p: (p.add_argument("--only", default=None,
                                   help="measure only shapes whose label contains this text "
                                        "(comma-separated: any of them)"),
                    p.add_argument("--providers", default=None, help="comma-separated provider names to run"),
+                   p.add_argument("--overhead", action="store_true",
+                                  help="host cost at tiny shapes instead (see benches/overhead.py)"),
                    p.add_argument("--crossover", action="store_true",
                                   help="the sweep behind auto's CPU rules instead of the headline shapes"),
                    p.add_argument("--interleave", type=int, default=0, metavar="R",

@@ -8,10 +8,17 @@
 // C++ because an ATen call from Python costs about twice the host time.  They
 // are registered as CompositeImplicitAutograd: device independent, and traced
 // through (decomposed into their ATen ops) by torch.compile and fake tensors.
-// The autograd node is the Python Function that calls them under no_grad.
+//
+// For the compiled backends (cpu, cuda) the whole block is also one C++
+// autograd node, `proxy_attention_block`: these pieces around the raw kernels,
+// with no Python in its forward or backward (the same computation as the Python
+// Function ProxyAttentionBlock, which serves the triton and torch backends and
+// calls the pieces above; tested bitwise equal).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -44,6 +51,14 @@ at::Tensor as_matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
   return t.is_contiguous() ? t.view({rows, cols}) : t.reshape({rows, cols});
 }
 
+// Y [B*M, C] holds every head's block for each row -> [B*K, C]: each row's own
+// head block (own_head in the Python twin): a diagonal view and one copy.
+at::Tensor own_head(const at::Tensor& Y, int64_t B, int64_t K, int64_t H, bool official) {
+  const int64_t C = Y.size(1), d = C / H;
+  if (official) return Y.view({B, H, K, H, d}).diagonal(0, 1, 3).permute({0, 3, 1, 2}).reshape({B * K, C});
+  return Y.view({B, K, H, H, d}).diagonal(0, 2, 3).permute({0, 1, 3, 2}).reshape({B * K, C});
+}
+
 at::Tensor addmm_or_mm(const Opt& bias, const at::Tensor& a, const at::Tensor& b) {
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
@@ -74,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unfold(
     const at::Tensor& Z, const at::Tensor& Wkv, const Opt& bkv, const Opt& gamma, const Opt& beta,
-    const at::Tensor& Wp, const Opt& bp, const at::Tensor& mask) {
+    const at::Tensor& Wp, const Opt& bp, const at::Tensor& mask, bool official) {
   BelowAutogradWhenNoGrad below;
   const int64_t B = Z.size(0), M = Z.size(1), C = Z.size(2);
   const int64_t H = mask.size(1), K = M / H;
@@ -87,9 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unfold(
   }
   Opt bv;
   if (bkv.has_value()) bv = bkv->slice(0, C, 2 * C);
-  at::Tensor O = (addmm_or_mm(bv, Zt, Wkv.slice(0, C, 2 * C).t()).view({B, M, H, C / H}) * mask)
-                     .sum(2)
-                     .view({B * K, C});
+  at::Tensor O = own_head(addmm_or_mm(bv, Zt, Wkv.slice(0, C, 2 * C).t()), B, K, H, official);
   at::Tensor out = addmm_or_mm(bp, O, Wp.t()).view({B, K, C});
   return {Zc, Zt, O, out};
 }
@@ -123,7 +136,7 @@ unfold_backward(const at::Tensor& d_out, const at::Tensor& Zc, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 fold_backward(const at::Tensor& dA_in, const at::Tensor& dc_in, const at::Tensor& q2, const at::Tensor& Qe,
               const at::Tensor& Wq, const at::Tensor& Wkv, const at::Tensor& Wk_f, const at::Tensor& v,
-              const Opt& gamma, const Opt& beta, const at::Tensor& mask, double scale, const Opt& dWv,
+              const Opt& gamma, const Opt& beta, const at::Tensor& mask, bool official, double scale, const Opt& dWv,
               const Opt& dbv, const Opt& dgamma_in, const Opt& dbeta_in) {
   BelowAutogradWhenNoGrad below;
   const int64_t B = dA_in.size(0), M = dA_in.size(1), C = dA_in.size(2);
@@ -150,7 +163,7 @@ fold_backward(const at::Tensor& dA_in, const at::Tensor& dc_in, const at::Tensor
     dbeta = dbeta_in.has_value() ? at::addmv(*dbeta_in, Wk.t(), dv, 1, scale) : at::mv(Wk.t(), dv).mul_(scale);
   }
   at::Tensor dQe = at::mm(dA, Wk_f.t()).addr_(dc, v);
-  at::Tensor dQ = (dQe.view({B, M, H, C / H}) * mask).sum(2).view({BK, C});
+  at::Tensor dQ = own_head(dQe, B, M / H, H, official);
   at::Tensor dWq = at::mm(dQ.t(), q2);
   at::Tensor dbq = dQ.sum(0);
   at::Tensor dq = at::mm(dQ, Wq).view({B, M / H, C});
@@ -160,6 +173,147 @@ fold_backward(const at::Tensor& dA_in, const at::Tensor& dc_in, const at::Tensor
   return {dq, dWq, dbq, dWkv, dbkv, dgamma, dbeta};
 }
 
+// -- the whole block as one C++ autograd node (compiled backends) ----------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raw_forward(const at::Tensor& x, const at::Tensor& A,
+                                                           const at::Tensor& c, std::optional<double> eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("icl_kernels::_proxy_attention_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>)>();
+  return op.call(x, A, c, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> raw_backward(const Opt& dZ, const Opt& dS, const at::Tensor& x,
+                                                            const at::Tensor& A, const at::Tensor& c,
+                                                            const at::Tensor& Z, const at::Tensor& lse,
+                                                            std::optional<double> eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("icl_kernels::_proxy_attention_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const Opt&, const Opt&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, std::optional<double>)>();
+  return op.call(dZ, dS, x, A, c, Z, lse, eps);
+}
+
+Opt defined_or_none(const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
+
+// The block's forward: (out, attn, saved...) with autocast off (the K-sized
+// products in the parameters' dtype, the kernels in x's).
+struct BlockForward {
+  at::Tensor out, attn, q2, Qe, Wk_f, v, A, c, Z, lse, Zc, Zt, O;
+};
+
+BlockForward block_forward(const at::Tensor& q, const at::Tensor& x, const at::Tensor& Wq, const Opt& bq,
+                           const at::Tensor& Wkv, const Opt& bkv, const Opt& gamma, const Opt& beta,
+                           const at::Tensor& Wp, const Opt& bp, const at::Tensor& mask, bool official, double scale,
+                           std::optional<double> eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  BlockForward f;
+  std::tie(f.q2, f.Qe, f.Wk_f, f.v, f.A, f.c) = fold(q, Wq, bq, Wkv, bkv, gamma, beta, mask, scale, x.scalar_type());
+  at::Tensor S;
+  std::tie(f.Z, S, f.lse) = raw_forward(x, f.A, f.c, eps);
+  std::tie(f.Zc, f.Zt, f.O, f.out) = unfold(f.Z, Wkv, bkv, gamma, beta, Wp, bp, mask, official);
+  const int64_t B = q.size(0), K = q.size(1), H = mask.size(1), N = x.size(1);
+  f.attn = official ? S.view({B, H, K, N}).permute({0, 2, 1, 3}) : S.view({B, K, H, N});
+  return f;
+}
+
+class BlockFunction : public torch::autograd::Function<BlockFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& x, const at::Tensor& Wq,
+                               const Opt& bq, const at::Tensor& Wkv, const Opt& bkv, const Opt& gamma,
+                               const Opt& beta, const at::Tensor& Wp, const Opt& bp, const at::Tensor& mask,
+                               bool official, double scale, std::optional<double> eps) {
+    BlockForward f = block_forward(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps);
+    ctx->save_for_backward({f.q2, x, Wq, Wkv, Wp, gamma.value_or(at::Tensor()), beta.value_or(at::Tensor()), mask,
+                            f.Qe, f.Wk_f, f.v, f.A, f.c, f.Z, f.lse, f.Zc, f.Zt, f.O});
+    ctx->saved_data["official"] = official;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["eps"] = eps.has_value() ? c10::IValue(*eps) : c10::IValue();
+    ctx->saved_data["bias"] = static_cast<int64_t>(bq.has_value()) | (static_cast<int64_t>(bkv.has_value()) << 1) |
+                              (static_cast<int64_t>(bp.has_value()) << 2);
+    ctx->set_materialize_grads(false);
+    return {f.out, f.attn};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& d_out = grads[0];
+    const at::Tensor& d_attn = grads[1];
+    variable_list result(14);
+    if (!d_out.defined() && !d_attn.defined()) return result;
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q2 = saved[0], &x = saved[1], &Wq = saved[2], &Wkv = saved[3], &Wp = saved[4];
+    const Opt gamma = defined_or_none(saved[5]), beta = defined_or_none(saved[6]);
+    const at::Tensor &mask = saved[7], &Qe = saved[8], &Wk_f = saved[9], &v = saved[10], &A = saved[11],
+                     &c = saved[12], &Z = saved[13], &lse = saved[14], &Zc = saved[15], &Zt = saved[16],
+                     &O = saved[17];
+    const bool official = ctx->saved_data["official"].toBool();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const c10::IValue eps_v = ctx->saved_data["eps"];
+    const std::optional<double> eps = eps_v.isNone() ? std::nullopt : std::optional<double>(eps_v.toDouble());
+    const int64_t bias = ctx->saved_data["bias"].toInt();
+    Opt dZ, dWv, dbv, dgamma, dbeta;
+    at::Tensor dWp, dbp;
+    if (d_out.defined()) {
+      at::Tensor dZ_t, dWv_t, dbv_t, dgamma_t, dbeta_t;
+      std::tie(dZ_t, dWp, dbp, dWv_t, dbv_t, dgamma_t, dbeta_t) =
+          unfold_backward(d_out, Zc, Zt, O, Wkv, gamma, Wp, mask, x.scalar_type());
+      dZ = dZ_t;
+      dWv = dWv_t;
+      dbv = dbv_t;
+      if (gamma.has_value()) dgamma = dgamma_t;
+      dbeta = dbeta_t;
+    }
+    Opt dS;
+    if (d_attn.defined()) {
+      const int64_t B = A.size(0), M = A.size(1), N = x.size(1);
+      dS = as_dtype((official ? d_attn.permute({0, 2, 1, 3}) : d_attn).reshape({B, M, N}), x.scalar_type());
+    }
+    auto [dx, dA, dc] = raw_backward(dZ, dS, x, A, c, Z, lse, eps);
+    if (!(x.is_contiguous() && dx.strides() == x.strides())) {  // dx in x's layout
+      at::Tensor want = at::empty_like(x);
+      if (want.strides() != dx.strides()) dx = want.copy_(dx);
+    }
+    auto [dq, dWq, dbq, dWkv, dbkv, dgamma_o, dbeta_o] = fold_backward(
+        dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, official, scale, dWv, dbv, dgamma, dbeta);
+    result[0] = dq;
+    result[1] = dx;
+    result[2] = dWq;
+    if (bias & 1) result[3] = dbq;
+    result[4] = dWkv;
+    if (bias & 2) result[5] = dbkv;
+    if (gamma.has_value()) result[6] = dgamma_o;
+    if (beta.has_value()) result[7] = dbeta_o;
+    result[8] = dWp;
+    if (bias & 4) result[9] = dbp;
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> block_autograd(const at::Tensor& q, const at::Tensor& x, const at::Tensor& Wq,
+                                                  const Opt& bq, const at::Tensor& Wkv, const Opt& bkv,
+                                                  const Opt& gamma, const Opt& beta, const at::Tensor& Wp,
+                                                  const Opt& bp, const at::Tensor& mask, bool official,
+                                                  double scale, std::optional<double> eps) {
+  auto outs = BlockFunction::apply(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps);
+  return {outs[0], outs[1]};
+}
+
+// Below autograd (inference mode): the forward alone.
+std::tuple<at::Tensor, at::Tensor> block_no_autograd(const at::Tensor& q, const at::Tensor& x, const at::Tensor& Wq,
+                                                     const Opt& bq, const at::Tensor& Wkv, const Opt& bkv,
+                                                     const Opt& gamma, const Opt& beta, const at::Tensor& Wp,
+                                                     const Opt& bp, const at::Tensor& mask, bool official,
+                                                     double scale, std::optional<double> eps) {
+  BlockForward f = block_forward(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps);
+  return {f.out, f.attn};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(icl_kernels, m) {
@@ -167,14 +321,31 @@ TORCH_LIBRARY_FRAGMENT(icl_kernels, m) {
         "Tensor? beta, Tensor mask, float scale, ScalarType x_dtype) "
         "-> (Tensor q2, Tensor Qe, Tensor Wk_f, Tensor v, Tensor A, Tensor c)");
   m.def("_proxy_block_unfold(Tensor Z, Tensor Wkv, Tensor? bkv, Tensor? gamma, Tensor? beta, Tensor Wp, "
-        "Tensor? bp, Tensor mask) -> (Tensor Zc, Tensor Zt, Tensor O, Tensor out)");
+        "Tensor? bp, Tensor mask, bool official) -> (Tensor Zc, Tensor Zt, Tensor O, Tensor out)");
   m.def("_proxy_block_unfold_backward(Tensor d_out, Tensor Zc, Tensor Zt, Tensor O, Tensor Wkv, "
         "Tensor? gamma, Tensor Wp, Tensor mask, ScalarType x_dtype) -> (Tensor dZ, Tensor dWp, "
         "Tensor dbp, Tensor dWv, Tensor dbv, Tensor dgamma, Tensor dbeta)");
   m.def("_proxy_block_fold_backward(Tensor dA, Tensor dc, Tensor q2, Tensor Qe, Tensor Wq, Tensor Wkv, "
-        "Tensor Wk_f, Tensor v, Tensor? gamma, Tensor? beta, Tensor mask, float scale, Tensor? dWv, "
+        "Tensor Wk_f, Tensor v, Tensor? gamma, Tensor? beta, Tensor mask, bool official, float scale, "
+        "Tensor? dWv, "
         "Tensor? dbv, Tensor? dgamma, Tensor? dbeta) -> (Tensor dq, Tensor dWq, Tensor dbq, "
         "Tensor dWkv, Tensor dbkv, Tensor dgamma_out, Tensor dbeta_out)");
+}
+
+TORCH_LIBRARY_FRAGMENT(icl_kernels, m) {
+  // ProxyAttention's fused path: (out [B, K, C], attn [B, K, H, N]); see the Python
+  // ProxyAttentionBlock for the math. mask [M, H, 1] is the head_mask of the layout.
+  m.def("proxy_attention_block(Tensor q, Tensor x, Tensor Wq, Tensor? bq, Tensor Wkv, Tensor? bkv, "
+        "Tensor? gamma, Tensor? beta, Tensor Wp, Tensor? bp, Tensor mask, bool official, float scale, "
+        "float? eps) -> (Tensor out, Tensor attn)");
+}
+
+TORCH_LIBRARY_IMPL(icl_kernels, Autograd, m) {
+  m.impl("proxy_attention_block", &block_autograd);
+}
+
+TORCH_LIBRARY_IMPL(icl_kernels, CompositeExplicitAutograd, m) {
+  m.impl("proxy_attention_block", &block_no_autograd);
 }
 
 TORCH_LIBRARY_IMPL(icl_kernels, CompositeImplicitAutograd, m) {

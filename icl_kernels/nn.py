@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from . import auto, backends
-from .ops.proxy_attention import eager_path, resolve_kernels
-from .ops.proxy_attention_block import proxy_attention_block
+from .ops.proxy_attention import eager_path, resolve_backend
+from .ops.proxy_attention_block import (BLOCK_NODE_BACKENDS, block_node_available, head_mask,
+                                       proxy_attention_block)
 
 _warned_dropout_fallback = False
 
@@ -154,7 +155,8 @@ class ProxyAttention(nn.Module):
         if self.training and mods["attn_drop"].p > 0:
             _warn_dropout_fallback()
             return self.forward_explicit(q, x)
-        if self._auto_unfused(x, x.shape[1], q.shape[1]):
+        name = backends.requested_name(self.backend)
+        if self._auto_unfused(x, x.shape[1], q.shape[1], name):
             return self.forward_explicit(q, x)
         Wq, bq = _weight_and_bias(mods["fc_q"])
         Wkv, bkv = _weight_and_bias(mods["fc_kv"])
@@ -164,24 +166,31 @@ class ProxyAttention(nn.Module):
         if norm is not None:
             gamma, beta = _weight_and_bias(norm)
             eps = norm.eps
-        name = backends.requested_name(self.backend)
         tensors = (q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp)
-        if eager_path(*tensors):
-            kern = resolve_kernels(name, x)   # fails here, not in autograd, when a named backend cannot run
+        if torch.compiler.is_compiling():
+            eager, kern = False, name                     # traced: the registered ops
+            use_node = _traced_backend_has_node(name, x.device, x.dtype, x.shape[-1])
         else:
-            if not torch.compiler.is_compiling():
-                resolve_kernels(name, x)
-            kern = name                       # traced: the registered ops
-        out, attn = proxy_attention_block(*tensors, self.num_heads, self.official_layout, self.scale, eps, kern)
+            backend = resolve_backend(name, x)            # fails here, not in autograd, when a named backend cannot run
+            use_node = backend.name in BLOCK_NODE_BACKENDS and block_node_available()
+            eager = eager_path(q, x) if use_node else eager_path(*tensors)  # the node is an op: any tensors
+            kern = None if use_node else (backend.kernels("proxy_attention") if eager else name)
+        if use_node:  # the compiled backends: the whole block as one C++ autograd node
+            mask = head_mask(q.shape[1], self.num_heads, self.official_layout, q.device, Wq.dtype, cache=eager)
+            out, attn = torch.ops.icl_kernels.proxy_attention_block.default(
+                *tensors, mask, self.official_layout, self.scale, eps)
+        else:
+            out, attn = proxy_attention_block(*tensors, self.num_heads, self.official_layout, self.scale, eps, kern)
         drop = mods["proj_drop"]
         if drop.p > 0:
             out = drop(out)
         return out, attn
 
-    def _auto_unfused(self, x: Tensor, N: int, K: int) -> bool:
+    def _auto_unfused(self, x: Tensor, N: int, K: int, name: Optional[str] = None) -> bool:
         """`auto` on CPU: the unfused formulation where it measured faster
         (:func:`icl_kernels.auto.cpu_prefers_unfused`); never when a backend is named."""
-        if x.device.type != "cpu" or backends.requested_name(self.backend) != backends.AUTO:
+        name = name if name is not None else backends.requested_name(self.backend)
+        if x.device.type != "cpu" or name != backends.AUTO:
             return False
         return auto.cpu_prefers_unfused(N, self.dim, self.num_heads, self.num_heads * K)
 
@@ -215,6 +224,14 @@ class ProxyAttention(nn.Module):
             raise ValueError(f"ProxyAttention: x must be [B, N, {self.dim}], got shape {tuple(x.shape)}")
         if q.shape[0] != x.shape[0]:
             raise ValueError(f"ProxyAttention: q has batch {q.shape[0]} but x has batch {x.shape[0]}")
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend_has_node(name: str, device: torch.device, dtype: torch.dtype, channels: int) -> bool:
+    """Under torch.compile: whether the backend these tokens resolve to runs the
+    C++ block node (evaluated once at trace time, as a constant)."""
+    be = backends.resolve("proxy_attention", name, device, auto.op_order(device.type, channels), dtype=dtype)
+    return be.name in BLOCK_NODE_BACKENDS and block_node_available()
 
 
 def _weight_and_bias(module: nn.Module):

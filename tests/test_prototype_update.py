@@ -297,6 +297,52 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(vectors, (values, weights))
 
 
+@pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)
+@pytest.mark.parametrize("form", ["labels", "probs", "values"])
+def test_eager_node_equals_registered_op(monkeypatch, backend, form):
+    """Eager calls run one autograd node over the kernels (sums, totals and the
+    division); the registered op path (what tracing takes) gives the same values
+    bit for bit and the same gradients."""
+    import icl_kernels.ops.prototype_update as pu
+
+    gen = torch.Generator().manual_seed(6)
+    feats = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 5, 6), generator=gen)
+    labels[labels == 2] = 0  # class 2 absent: zero mean, zero gradient
+    probs = torch.softmax(torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64), 1)
+    values = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    weights = torch.rand(2, 3, generator=gen, dtype=torch.float64)
+    weights[:, 1] = 0
+    g_means = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    g_totals = torch.randn(3, generator=gen, dtype=torch.float64)
+    results = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(pu, "eager_path", lambda *t: False)
+        ins = [t.clone().requires_grad_() for t in ((feats, probs) if form == "probs" else (feats,) if form == "labels"
+                                                       else (values, weights))]
+        buf = torch.zeros(3, 4, dtype=torch.float64)
+        init = torch.zeros(3, dtype=torch.bool)
+        if form == "values":
+            means, totals = prototype_update_(buf, ins[0], ins[1], momentum=0.9, initialized=init, backend=backend)
+        elif form == "probs":
+            means, totals = masked_prototype_update_(buf, ins[0], probs=ins[1], momentum=0.9, initialized=init,
+                                                     backend=backend)
+        else:
+            means, totals = masked_prototype_update_(buf, ins[0], labels=labels, momentum=0.9, initialized=init,
+                                                     backend=backend)
+        node = type(means.grad_fn).__name__
+        loss = (means * g_means).sum() + ((totals * g_totals).sum() if totals.requires_grad else 0)
+        grads = torch.autograd.grad(loss, ins)
+        results.append((node, means.detach(), totals.detach(), buf, init, grads))
+    (n_e, m_e, t_e, b_e, i_e, g_e), (n_r, m_r, t_r, b_r, i_r, g_r) = results
+    assert n_e == "_EagerClassMeansBackward" and n_r != n_e
+    assert torch.equal(bits(m_e), bits(m_r)) and torch.equal(t_e, t_r)
+    assert torch.equal(bits(b_e), bits(b_r)) and torch.equal(i_e, i_r)
+    for a, b in zip(g_e, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------- edge cases
 
 

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .. import _extension, backends
 from ..reference import accumulation_dtype
+from .proxy_attention import eager_path
 
 OP = "prototype_update"
 _VALUES_IGNORE_INDEX = -1  # the values form labels every row 0..K-1: nothing is ignored
@@ -45,6 +46,31 @@ _VALUES_IGNORE_INDEX = -1  # the values form labels every row 0..K-1: nothing is
 
 def _kernels(name: str, device: torch.device):
     return backends.resolve(OP, name, device).kernels(OP)
+
+
+# As in proxy_attention: ``kern`` is the resolved (forward, backward) pair for an
+# eager call on plain tensors (kernels called directly) or the backend name for a
+# traced one (the registered ops below).
+
+
+def _run_forward(features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic, kern):
+    if isinstance(kern, str):
+        return torch.ops.icl_kernels.prototype_class_sums.default(
+            features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic, kern)
+    sums, totals = kern[0](features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic)
+    return sums.contiguous(), totals.contiguous()
+
+
+def _run_backward(grad_sums, grad_totals, features, labels, weights, probs, ignore_index, need_f, need_aux, kern):
+    """(grad_features, grad_aux); a gradient not asked for is an empty [0] tensor."""
+    if isinstance(kern, str):
+        return torch.ops.icl_kernels.prototype_class_sums_backward.default(
+            grad_sums, grad_totals, features, labels, weights, probs, ignore_index, need_f, need_aux, kern)
+    gf, ga = kern[1](grad_sums, grad_totals, features, labels, weights, probs, ignore_index, need_f, need_aux)
+    aux = probs if probs is not None else weights
+    gf = _like(features, gf) if need_f else features.new_empty(0)
+    ga = _like(aux, ga) if need_aux else features.new_empty(0)
+    return gf, ga
 
 
 def _like(ref: Tensor, t: Tensor) -> Tensor:
@@ -70,9 +96,8 @@ def _sums_op(
     deterministic: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    forward, _ = _kernels(backend, features.device)
-    sums, totals = forward(features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic)
-    return sums.contiguous(), totals.contiguous()
+    return _run_forward(features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic,
+                        _kernels(backend, features.device))
 
 
 @_sums_op.register_fake
@@ -96,14 +121,8 @@ def _sums_backward_op(
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
     """(grad_features, grad_aux) where aux is probs or weights; a gradient not asked for is an empty [0] tensor."""
-    _, backward = _kernels(backend, features.device)
-    gf, ga = backward(
-        grad_sums, grad_totals, features, labels, weights, probs, ignore_index, need_features_grad, need_aux_grad
-    )
-    aux = probs if probs is not None else weights
-    gf = _like(features, gf) if need_features_grad else features.new_empty(0)
-    ga = _like(aux, ga) if need_aux_grad else features.new_empty(0)
-    return gf, ga
+    return _run_backward(grad_sums, grad_totals, features, labels, weights, probs, ignore_index, need_features_grad,
+                         need_aux_grad, _kernels(backend, features.device))
 
 
 @_sums_backward_op.register_fake
@@ -115,11 +134,14 @@ def _sums_backward_fake(grad_sums, grad_totals, features, labels, weights, probs
     return gf, ga
 
 
+# -- the autograd definition: one, used by the registered op and by the eager Function
+
+
 def _setup_context(ctx, inputs, output):
-    features, labels, weights, probs, num_classes, ignore_index, _check, _det, backend = inputs
+    features, labels, weights, probs, num_classes, ignore_index, _check, _det, kern = inputs
     ctx.save_for_backward(features, labels, weights, probs)
     ctx.ignore_index = ignore_index
-    ctx.backend = backend
+    ctx.kern = kern
     ctx.set_materialize_grads(False)
 
 
@@ -137,16 +159,74 @@ def _backward(ctx, grad_sums, grad_totals):
         grad_sums = features.new_zeros(grad_totals.shape[0], features.shape[1], dtype=acc)
     if grad_totals is None:
         grad_totals = features.new_zeros(grad_sums.shape[0] if K is None else K, dtype=acc)
-    gf, ga = torch.ops.icl_kernels.prototype_class_sums_backward(
-        grad_sums.contiguous(), grad_totals.contiguous(), features, labels, weights, probs, ctx.ignore_index,
-        need_f, need_aux, ctx.backend,
-    )
+    gf, ga = _run_backward(grad_sums.contiguous(), grad_totals.contiguous(), features, labels, weights, probs,
+                           ctx.ignore_index, need_f, need_aux, ctx.kern)
     grads[0] = gf if need_f else None
     grads[aux_index] = ga if need_aux else None
     return tuple(grads)
 
 
 _sums_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _means(sums: Tensor, totals: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(means, present, denom): sums / totals for classes with totals > 0, 0 elsewhere."""
+    present = totals > 0
+    denom = torch.where(present, totals, torch.ones_like(totals))
+    means = torch.where(present.unsqueeze(1), sums / denom.unsqueeze(1), torch.zeros_like(sums))
+    return means, present, denom
+
+
+class _EagerClassMeans(torch.autograd.Function):
+    """Class sums (the registered op's autograd definition, :func:`_setup_context`
+    / :func:`_backward`, over directly called kernels), the data-parallel
+    reduction and the division, as one autograd node: eager calls skip the
+    custom-op machinery and the division's graph, which together cost several
+    times the kernels' host time at training sizes."""
+
+    @staticmethod
+    def forward(ctx, features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic, kern,
+                group):
+        inputs = (features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic, kern)
+        sums, totals = _run_forward(*inputs)
+        _setup_context(ctx, inputs, (sums, totals))
+        if group is not None:
+            sums, totals = _global_sums(sums, totals, group[0], deterministic)
+        means, present, denom = _means(sums, totals)
+        ctx.division = (means, present, denom)
+        return means, totals
+
+    @staticmethod
+    def backward(ctx, grad_means, grad_totals):
+        means, present, denom = ctx.division
+        grad_sums = None
+        if grad_means is not None:
+            grad_sums = torch.where(present.unsqueeze(1), grad_means / denom.unsqueeze(1), torch.zeros_like(grad_means))
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:  # d means / d totals = -means / totals
+                from_means = (grad_means * means).sum(1).div_(denom).neg_()
+                grad_totals = from_means if grad_totals is None else grad_totals + from_means
+        return _backward(ctx, grad_sums, grad_totals) + (None,)
+
+
+def _class_means(features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic, name,
+                 process_group) -> Tuple[Tensor, Tensor]:
+    """(means, totals) over all ranks (see the module docstring), through the
+    eager Function or the registered op; a named backend that cannot run fails here."""
+    distributed, group = _group_for(process_group)
+    if distributed and torch.distributed.get_world_size(group) == 1:
+        distributed = False
+    if eager_path(features, labels, weights, probs):
+        return _EagerClassMeans.apply(features, labels, weights, probs, num_classes, ignore_index, check_labels,
+                                      deterministic, _kernels(name, features.device),
+                                      (group,) if distributed else None)
+    if not torch.compiler.is_compiling():
+        _kernels(name, features.device)
+    sums, totals = torch.ops.icl_kernels.prototype_class_sums.default(
+        features, labels, weights, probs, num_classes, ignore_index, check_labels, deterministic, name)
+    if distributed:
+        sums, totals = _global_sums(sums, totals, group, deterministic)
+    means, _, _ = _means(sums, totals)
+    return means, totals
 
 
 # Fake implementations of the raw compiled kernels, so that they too can be
@@ -253,30 +333,34 @@ def _global_sums(sums: Tensor, totals: Tensor, group, deterministic: bool) -> Tu
 @torch.no_grad()
 def _blend_(buffer: Tensor, means: Tensor, present: Tensor, momentum: float, initialized: Optional[Tensor]) -> None:
     work = torch.promote_types(buffer.dtype, means.dtype)
-    m = means.to(work)
-    blended = buffer.to(work) * momentum + m * (1.0 - momentum)
+    m = means if means.dtype == work else means.to(work)
+    blended = (buffer if buffer.dtype == work else buffer.to(work)) * momentum + m * (1.0 - momentum)
     if initialized is not None:
         blended = torch.where(initialized.unsqueeze(1), blended, m)  # first sighting: copy
         initialized.logical_or_(present)
+    if blended.dtype != buffer.dtype:
+        blended = blended.to(buffer.dtype)
     # Absent classes select their own row: bitwise unchanged.
-    buffer.copy_(torch.where(present.unsqueeze(1), blended.to(buffer.dtype), buffer))
+    buffer.copy_(torch.where(present.unsqueeze(1), blended, buffer))
 
 
-def _finish(buffer, sums, totals, momentum, initialized, process_group, deterministic, out_dtype):
-    distributed, group = _group_for(process_group)
-    if distributed:
-        sums, totals = _global_sums(sums, totals, group, deterministic)
-    present = totals > 0
-    denom = torch.where(present, totals, torch.ones_like(totals))
-    means = torch.where(present.unsqueeze(1), sums / denom.unsqueeze(1), torch.zeros_like(sums))
-    _blend_(buffer, means.detach(), present, momentum, initialized)
-    return means.to(out_dtype), totals
+def _finish(buffer, means, totals, momentum, initialized, out_dtype):
+    _blend_(buffer, means.detach(), totals > 0, momentum, initialized)
+    return (means if means.dtype == out_dtype else means.to(out_dtype)), totals
 
 
-def _validate_backend(name: str, device: torch.device) -> None:
-    if not torch.compiler.is_compiling():
-        # Fail at the call site (not inside autograd) when a named backend cannot run.
-        backends.resolve(OP, name, device)
+_ROW_LABELS: dict = {}
+
+
+def _row_labels(B: int, K: int, device: torch.device) -> Tensor:
+    """int32 [B, K] with row k labelled k (the values form's labels); cached for eager calls."""
+    key = (B, K, device)
+    labels = _ROW_LABELS.get(key) if not torch.compiler.is_compiling() else None
+    if labels is None:
+        labels = torch.arange(K, device=device, dtype=torch.int32).unsqueeze(0).expand(B, K).contiguous()
+        if not torch.compiler.is_compiling():
+            _ROW_LABELS[key] = labels
+    return labels
 
 
 # ---------------------------------------------------------------- public functions
@@ -351,14 +435,12 @@ def prototype_update_(
         _check_same_device(weights, "weights", buffer, fn)
         weights = weights.to(acc).contiguous()
     name = backends.requested_name(backend)
-    _validate_backend(name, values.device)
     # The values form is the labels form over K "tokens" per sample, token k labelled k.
     features = values.transpose(1, 2)
-    labels = torch.arange(K, device=values.device, dtype=torch.int32).unsqueeze(0).expand(B, K).contiguous()
-    sums, totals = torch.ops.icl_kernels.prototype_class_sums(
-        features, labels, weights, None, K, _VALUES_IGNORE_INDEX, False, deterministic, name
-    )
-    return _finish(buffer, sums, totals, momentum, initialized, process_group, deterministic, values.dtype)
+    labels = _row_labels(B, K, values.device)
+    means, totals = _class_means(features, labels, weights, None, K, _VALUES_IGNORE_INDEX, False, deterministic, name,
+                                 process_group)
+    return _finish(buffer, means, totals, momentum, initialized, values.dtype)
 
 
 def masked_prototype_update_(
@@ -426,7 +508,6 @@ def masked_prototype_update_(
         raise ValueError(f"{fn}: check_labels must be True or False, got {check_labels!r}")
     B, spatial = features.shape[0], tuple(features.shape[2:])
     name = backends.requested_name(backend)
-    _validate_backend(name, features.device)
     f = features.flatten(2)
     if labels is not None:
         _check_tensor(labels, "labels", fn)
@@ -438,9 +519,8 @@ def masked_prototype_update_(
         lab = labels.flatten(1)
         if lab.dtype not in (torch.int32, torch.int64):
             lab = lab.to(torch.int32)  # uint8 / int8 / int16 maps: the kernels read int32 or int64
-        sums, totals = torch.ops.icl_kernels.prototype_class_sums(
-            f, lab, None, None, K, int(ignore_index), check_labels, deterministic, name
-        )
+        means, totals = _class_means(f, lab, None, None, K, int(ignore_index), check_labels, deterministic, name,
+                                     process_group)
     else:
         _check_tensor(probs, "probs", fn)
         if not probs.dtype.is_floating_point:
@@ -450,7 +530,6 @@ def masked_prototype_update_(
         _check_same_device(probs, "probs", buffer, fn)
         common = torch.promote_types(features.dtype, probs.dtype)
         p = probs.flatten(2).to(common)
-        sums, totals = torch.ops.icl_kernels.prototype_class_sums(
-            f.to(common), None, None, p, K, int(ignore_index), False, deterministic, name
-        )
-    return _finish(buffer, sums, totals, momentum, initialized, process_group, deterministic, features.dtype)
+        means, totals = _class_means(f.to(common), None, None, p, K, int(ignore_index), False, deterministic, name,
+                                     process_group)
+    return _finish(buffer, means, totals, momentum, initialized, features.dtype)

@@ -35,10 +35,15 @@ def _auto_order(x: Tensor) -> Optional[Sequence[str]]:
     return auto.op_order(x.device.type, x.shape[-1])
 
 
+def resolve_backend(name: str, x: Tensor) -> backends.Backend:
+    """The backend that runs these tokens for the requested backend name (raises
+    when a named backend cannot run)."""
+    return backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
+
+
 def resolve_kernels(name: str, x: Tensor):
-    """(forward, backward) kernel functions of the backend that runs these tokens
-    for the requested backend name (raises when a named backend cannot run)."""
-    return backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype).kernels(OP)
+    """(forward, backward) kernel functions of :func:`resolve_backend`'s backend."""
+    return resolve_backend(name, x).kernels(OP)
 
 
 def _like_x(x: Tensor, dx: Tensor) -> Tensor:

@@ -13,10 +13,10 @@ the standard one) and the token LayerNorm's affine (gamma, beta)::
     O[r] = Wv_h(r) (gamma * Z[r] + beta) + bv_h(r) [B, M, d] = [B, K, C]
     out  = O Wp^T + bp
 
-The per-row head choice is written as a one-hot mask over heads, so each
-product above is one matrix product over all rows whatever the layout (no
-head transposes, no copies): A is ``(Q expanded to its head's block) @ (s Wk *
-gamma)`` and O the head's block of ``Zt @ Wv^T``. That costs H times the
+The per-row head choice makes each product above one matrix product over all
+rows whatever the layout (no per-head transposes): A is ``(Q expanded to its
+head's block by a one-hot mask over heads) @ (s Wk * gamma)``, and O is each
+row's own head block (a diagonal view) of ``Zt @ Wv^T``. That costs H times the
 minimal flops of these K-sized products (at most a few percent of the kernels'
 N-sized work when N >> C) and keeps the block at about 30 dispatched ops
 forward and 50 backward, fewer than the published module's explicit
@@ -48,7 +48,7 @@ def head_mask(K: int, H: int, official: bool, device: torch.device, dtype: torch
         rows = torch.arange(H * K, device=device)
         head = rows // K if official else rows % H
         mask = (head.unsqueeze(1) == torch.arange(H, device=device)).to(dtype).unsqueeze(-1)
-        if cache:
+        if cache and type(mask) is torch.Tensor:  # never keep a fake or traced tensor
             _MASKS[key] = mask
     return mask
 
@@ -59,6 +59,17 @@ def _autocast_on(device_type: str) -> bool:
 
 def _addmm(bias: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def own_head(Y: Tensor, B: int, K: int, H: int, official: bool) -> Tensor:
+    """Y [B*M, C] holds every head's d-wide block for each row; -> [B*K, C]: each
+    row's own head's block (rows in order, i.e. [B, M, d] viewed as [B*K, C]).
+    A diagonal view and one copy."""
+    C = Y.shape[1]
+    d = C // H
+    if official:  # row r = h*K + k meets head h
+        return Y.view(B, H, K, H, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(B * K, C)
+    return Y.view(B, K, H, H, d).diagonal(dim1=2, dim2=3).permute(0, 1, 3, 2).reshape(B * K, C)  # r = k*H + h
 
 
 # -- the four K-sized pieces around the kernels. Each has a C++ twin in
@@ -89,7 +100,7 @@ def fold(q, Wq, bq, Wkv, bkv, gamma, beta, mask, scale: float, x_dtype: torch.dt
     return q2, Qe, Wk_f, v, A, c
 
 
-def unfold(Z, Wkv, bkv, gamma, beta, Wp, bp, mask):
+def unfold(Z, Wkv, bkv, gamma, beta, Wp, bp, mask, official: bool):
     """-> (Zc [B*M, C], Zt = gamma * Zc + beta, O [B*K, C], out [B, K, C]): each
     row's head block of the value projection of Zt, then the output projection."""
     B, M, C = Z.shape
@@ -101,7 +112,7 @@ def unfold(Z, Wkv, bkv, gamma, beta, Wp, bp, mask):
     else:
         Zt = Zc * gamma if beta is None else torch.addcmul(beta, Zc, gamma)
     bv = None if bkv is None else bkv[C:]
-    O = (_addmm(bv, Zt, Wkv[C:].t()).view(B, M, H, C // H) * mask).sum(2).view(B * K, C)
+    O = own_head(_addmm(bv, Zt, Wkv[C:].t()), B, K, H, official)
     out = _addmm(bp, O, Wp.t()).view(B, K, C)
     return Zc, Zt, O, out
 
@@ -129,7 +140,7 @@ def unfold_backward(d_out, Zc, Zt, O, Wkv, gamma, Wp, mask, x_dtype: torch.dtype
     return dZ.view(B, M, C).to(x_dtype), dWp, dbp, dWv, dbv, dgamma, dbeta
 
 
-def fold_backward(dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, scale: float,
+def fold_backward(dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, official: bool, scale: float,
                   dWv, dbv, dgamma, dbeta):
     """-> (dq [B, K, C], dWq, dbq, dWkv, dbkv, dgamma, dbeta) of :func:`fold`,
     adding the gradients :func:`unfold_backward` gave (None: zero); dgamma /
@@ -156,7 +167,7 @@ def fold_backward(dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, scale: fl
         dWk.addr_(dv, beta, alpha=scale)
         dbeta = torch.mv(Wk.t(), dv).mul_(scale) if dbeta is None else torch.addmv(dbeta, Wk.t(), dv, alpha=scale)
     dQe = torch.mm(dA, Wk_f.t()).addr_(dc, v)
-    dQ = (dQe.view(B, M, H, C // H) * mask).sum(2).view(BK, C)
+    dQ = own_head(dQe, B, M // H, H, official)
     dWq = torch.mm(dQ.t(), q2)
     dbq = dQ.sum(0)
     dq = torch.mm(dQ, Wq).view(B, M // H, C)
@@ -177,6 +188,14 @@ def _pieces():
 
 _FOLD, _UNFOLD, _UNFOLD_BACKWARD, _FOLD_BACKWARD = _pieces()
 
+# Backends whose kernels the C++ autograd node ``icl_kernels::proxy_attention_block``
+# calls (it reaches them through the dispatcher); the others run ProxyAttentionBlock.
+BLOCK_NODE_BACKENDS = ("cpu", "cuda")
+
+
+def block_node_available() -> bool:
+    return _extension.has_kernel("proxy_attention_block", "Autograd")
+
 
 class ProxyAttentionBlock(torch.autograd.Function):
     """``apply(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, heads, official, scale, eps, kern)``
@@ -190,9 +209,9 @@ class ProxyAttentionBlock(torch.autograd.Function):
         mask = head_mask(K, heads, official, q.device, Wq.dtype, cache=not isinstance(kern, str))
         q2, Qe, Wk_f, v, A, c = _FOLD(q, Wq, bq, Wkv, bkv, gamma, beta, mask, scale, x.dtype)
         Z, S, lse = run_forward(x, A, c, eps, kern)
-        Zc, Zt, O, out = _UNFOLD(Z, Wkv, bkv, gamma, beta, Wp, bp, mask)
+        Zc, Zt, O, out = _UNFOLD(Z, Wkv, bkv, gamma, beta, Wp, bp, mask, official)
         ctx.save_for_backward(q2, x, Wq, Wkv, Wp, gamma, beta, mask, Qe, Wk_f, v, A, c, Z, lse, Zc, Zt, O)
-        ctx.scale, ctx.eps, ctx.kern, ctx.official = scale, eps, kern, official
+        ctx.scale, ctx.eps, ctx.kern, ctx.official, ctx.device_type = scale, eps, kern, official, x.device.type
         ctx.has_bias = (bq is not None, bkv is not None, bp is not None)
         ctx.set_materialize_grads(False)
         attn = S.view(B, heads, K, N).permute(0, 2, 1, 3) if official else S.view(B, K, heads, N)
@@ -202,14 +221,15 @@ class ProxyAttentionBlock(torch.autograd.Function):
     def backward(ctx, d_out, d_attn):
         if d_out is None and d_attn is None:
             return (None,) * 15
-        if _autocast_on(ctx.saved_tensors[1].device.type):
-            with torch.autocast(ctx.saved_tensors[1].device.type, enabled=False):
-                return _block_backward(ctx, d_out, d_attn)
-        return _block_backward(ctx, d_out, d_attn)
+        saved = ctx.saved_tensors  # unpacked once: each access rebuilds every tensor
+        if _autocast_on(ctx.device_type):
+            with torch.autocast(ctx.device_type, enabled=False):
+                return _block_backward(ctx, saved, d_out, d_attn)
+        return _block_backward(ctx, saved, d_out, d_attn)
 
 
-def _block_backward(ctx, d_out, d_attn):
-    q2, x, Wq, Wkv, Wp, gamma, beta, mask, Qe, Wk_f, v, A, c, Z, lse, Zc, Zt, O = ctx.saved_tensors
+def _block_backward(ctx, saved, d_out, d_attn):
+    q2, x, Wq, Wkv, Wp, gamma, beta, mask, Qe, Wk_f, v, A, c, Z, lse, Zc, Zt, O = saved
     has_bq, has_bkv, has_bp = ctx.has_bias
     dZ = dWp = dbp = dWv = dbv = dgamma = dbeta = None
     if d_out is not None:
@@ -219,13 +239,15 @@ def _block_backward(ctx, d_out, d_attn):
     dS = None
     if d_attn is not None:
         B, M, N = A.shape[0], A.shape[1], x.shape[1]
-        dS = (d_attn.permute(0, 2, 1, 3) if ctx.official else d_attn).reshape(B, M, N).to(x.dtype)
+        dS = (d_attn.permute(0, 2, 1, 3) if ctx.official else d_attn).reshape(B, M, N)
+        if dS.dtype != x.dtype:
+            dS = dS.to(x.dtype)
     dx, dA, dc = run_backward(dZ, dS, x, A, c, Z, lse, ctx.eps, ctx.kern)
     dq, dWq, dbq, dWkv, dbkv, dgamma, dbeta = _FOLD_BACKWARD(
-        dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, ctx.scale, dWv, dbv, dgamma, dbeta)
+        dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, ctx.official, ctx.scale, dWv, dbv, dgamma, dbeta)
     return (dq, dx, dWq, dbq if has_bq else None, dWkv, dbkv if has_bkv else None,
             dgamma if gamma is not None else None, dbeta if beta is not None else None,
-            dWp, dbp if has_bp else None) + (None,) * 5
+            dWp, dbp if has_bp else None, None, None, None, None, None)
 
 
 def proxy_attention_block(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, heads, official, scale, eps, kern):
