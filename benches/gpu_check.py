@@ -145,12 +145,13 @@ def plan(outdir: str, quick: bool, build: bool, arch: str) -> List[Step]:
         provider (backbone kernels from inductor's cache); reduce-overhead, run
         after default, finds every kernel in the on-disk cache: ~30 s each;
       - eager 3D: as eager 2D, ~35 s (no breakdown).
-    Full: 70 + 5 + 80 + 35 (2D eager) + 70 (bf16 kernels) + 150 (2D compile
-    default, the limit) + 90 (reduce-overhead) = 500 s of the 525 s budget, so 3D
+    The host-cost benchmark (bench-overhead) comes right after the GPU tests: ~10 s.
+    Full: 70 + 5 + 80 + 10 + 35 (2D eager) + 70 (bf16 kernels) + 150 (2D compile
+    default, the limit) + 90 (reduce-overhead) = 510 s of the 525 s budget, so 3D
     eager may be cut, and the float32 kernel benchmark, the compiled attention and
     the prototype update get only what is left (they ran on the H200 before; ask
-    for them with --only).  Quick: 70 + 5 + 50 + 25 (2D eager, no breakdown) =
-    150 s of 170 s, the bfloat16 kernel benchmark gets the rest.
+    for them with --only).  Quick: 70 + 5 + 50 + 8 + 25 (2D eager, no breakdown) =
+    158 s of 170 s, the bfloat16 kernel benchmark gets the rest.
     """
     py = sys.executable
     steps: List[Step] = []
@@ -165,6 +166,13 @@ def plan(outdir: str, quick: bool, build: bool, arch: str) -> List[Step]:
     marker = "gpu and not slow" if quick else "gpu"
     steps.append(Step("tests-gpu", [py, "-m", "pytest", *GPU_TEST_FILES, "-m", marker, *common, "--durations=25"],
                       "tests_gpu.log", 90 if quick else 150, required=True, expect_s=50 if quick else 80))
+    # Host cost at tiny shapes (benches.overhead): the eager-speed target of the module
+    # against the published one. Not yet run on a GPU: ~8 providers x rounds x calls of
+    # about 1 ms each, op counts and a profiled batch, plus ~5 s of start-up: ~10 s
+    # full (two shapes, 5 rounds of 50 calls), ~8 s quick (one shape, 3 of 20).
+    overhead = [py, "-m", "benches.overhead", "--device", "cuda", "--csv", os.path.join(outdir, "overhead.csv")]
+    steps.append(Step("bench-overhead", overhead + (["--quick"] if quick else ["--rounds", "5", "--calls", "50"]),
+                      "bench_overhead.txt", 30, expect_s=8 if quick else 10))
     shapes = QUICK_SHAPES if quick else HEADLINE_SHAPES
     csv_path = os.path.join(outdir, "proxy_attention.csv")
     plots = os.path.join(outdir, "plots")

@@ -183,18 +183,25 @@ def profile_pieces(step, device, calls: int) -> Dict[str, float]:
     return out
 
 
-def run(argv: Optional[List[str]] = None) -> common.Recorder:
-    args = common.parse_args(__doc__.splitlines()[0], lambda p: (
+def parse_args(argv: Optional[List[str]] = None, check_device: bool = True):
+    return common.parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--overhead", action="store_true", help=argparse_suppress()),
         p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15, --quick 3)"),
+        p.add_argument("--calls", type=int, default=None, help="calls per timed batch (default 200, --quick 20)"),
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: host cost, not parallelism)"),
-    ), argv=argv)
+    ), argv=argv, check_device=check_device)
+
+
+def run(argv: Optional[List[str]] = None) -> common.Recorder:
+    args = parse_args(argv)
     device = args.device
     torch.set_num_threads(args.threads)
     env = common.environment(device)
     rec = common.Recorder(OP, env)
     rounds = args.rounds or (3 if args.quick else 15)
-    calls = 20 if args.quick else 200
+    calls = args.calls or (20 if args.quick else 200)
+    if rounds < 1 or calls < 1:
+        raise SystemExit(f"--rounds and --calls must be >= 1, got {rounds} and {calls}")
     avail = icl_kernels.available_backends("proxy_attention", device, torch.float32)
     backends_here = [b for b in ("cpu", "cuda", "triton", "torch") if avail.get(b) is None]
     print(f"device: {env.device}; threads {torch.get_num_threads()}; backends {', '.join(backends_here)}; "

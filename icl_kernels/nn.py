@@ -226,12 +226,17 @@ class ProxyAttention(nn.Module):
             raise ValueError(f"ProxyAttention: q has batch {q.shape[0]} but x has batch {x.shape[0]}")
 
 
-@torch.compiler.assume_constant_result
 def _traced_backend_has_node(name: str, device: torch.device, dtype: torch.dtype, channels: int) -> bool:
     """Under torch.compile: whether the backend these tokens resolve to runs the
     C++ block node (evaluated once at trace time, as a constant)."""
     be = backends.resolve("proxy_attention", name, device, auto.op_order(device.type, channels), dtype=dtype)
     return be.name in BLOCK_NODE_BACKENDS and block_node_available()
+
+
+# What torch.compiler.assume_constant_result does (it only sets this attribute),
+# without importing torch._dynamo with icl_kernels (about 1 s); a test checks
+# that the decorator still means this.
+_traced_backend_has_node._dynamo_marked_constant = True
 
 
 def _weight_and_bias(module: nn.Module):

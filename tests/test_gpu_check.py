@@ -237,3 +237,20 @@ def test_bench_shape_selection(only, label, selected):
     from benches import proxy_attention as pa
 
     assert pa.shape_selected(label, only) is selected
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_plan_measures_host_cost_early(quick):
+    """The eager host-cost benchmark runs on the GPU right after the GPU tests, with
+    arguments its own parser accepts."""
+    from benches import overhead
+
+    steps = gpu_check.plan("/tmp/out", quick, build=True, arch="9.0")
+    names = [s.name for s in steps]
+    assert "bench-overhead" in names
+    assert names.index("bench-overhead") == names.index("tests-gpu") + 1
+    step = steps[names.index("bench-overhead")]
+    i = step.argv.index("benches.overhead")
+    args = overhead.parse_args(step.argv[i + 1:], check_device=False)
+    assert args.device.type == "cuda" and args.csv.endswith("overhead.csv")
+    assert step.expect_s is not None and step.expect_s < step.timeout_s

@@ -334,3 +334,24 @@ def test_dispatches_no_more_ops_than_published():
     x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
     published, fused = count_ops(ref, q, x), count_ops(mod, q, x)
     assert fused < published, (fused, published)
+
+
+@needs_ext
+def test_compiled_module_runs_the_cpp_node():
+    """Under torch.compile the compiled backends take the same C++ node as eager calls
+    (the backend choice is a trace-time constant: no graph break)."""
+    import icl_kernels.nn as icl_nn
+
+    probe = torch.compiler.assume_constant_result(lambda: 0)
+    assert getattr(probe, "_dynamo_marked_constant", False) and icl_nn._traced_backend_has_node._dynamo_marked_constant
+    torch._dynamo.reset()
+    mod = ProxyAttention(16, 2, token_norm=True, official_layout=True, backend="cpu")
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    q, x = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 9, 16, requires_grad=True)
+    torch.compile(mod, fullgraph=True, backend=backend)(q, x)
+    assert any("proxy_attention_block" in t for t in targets), targets
