@@ -56,6 +56,13 @@ def no_drop_path(monkeypatch):
     monkeypatch.setattr(DropPath, "forward", lambda self, x: x)
 
 
+@pytest.fixture
+def restore_determinism():
+    """--deterministic turns torch.use_deterministic_algorithms on for the process: off again after the test."""
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return make_synthetic(str(tmp_path_factory.mktemp("data") / "acdc"), "acdc", num_train=6, seed=0)["root"]
@@ -155,6 +162,7 @@ def _interrupt_at(n):
     return hook
 
 
+@pytest.mark.usefixtures("restore_determinism")
 def test_resume_between_compiled_and_eager(root, tmp_path):
     common = dict(method="supervised", max_iterations=4, deterministic=True, intensity_aug="default")
     _, full, _ = _run(_cfg(root, tmp_path / "full", **common))
@@ -301,6 +309,29 @@ def test_ddp_two_ranks_compiled(root, tmp_path):
     ck = C.load(str(tmp_path / "ddp" / "checkpoints" / "last.pt"))
     assert ck["world_size"] == 2 and ck["config"]["compile"] == "default"
     assert not any("_orig_mod" in k or k.startswith("module.") for k in ck["model"])
+
+
+# ------------------------------------------------------------------ real inductor compiles
+
+
+@pytest.mark.skipif(os.environ.get("ICL_TEST_INDUCTOR", "0") != "1",
+                    reason="a real inductor compile on CPU takes a minute or more (warm cache: seconds); "
+                           "set ICL_TEST_INDUCTOR=1 to run it")
+@pytest.mark.usefixtures("restore_determinism")
+def test_inductor_resume_is_bitwise_equal_on_cpu(root, tmp_path, monkeypatch):
+    """Inductor's random numbers come from the global generator the checkpoint restores: a compiled run
+    interrupted and resumed ends bitwise equal to an uninterrupted compiled one."""
+    monkeypatch.setattr(T, "_COMPILE_BACKEND", "inductor")
+    common = dict(method="supervised", max_iterations=4, deterministic=True, compile="default")
+    res, full, frames = _run(_cfg(root, tmp_path / "full", **common))
+    assert res.metrics["compile"]["backend"] == "inductor" and res.metrics["compile"]["graphs"] >= 1
+    assert frames[-1] == frames[0], frames
+    with pytest.raises(TrainingInterrupted):
+        _run(_cfg(root, tmp_path / "cut", **common), hooks=[_interrupt_at(2)])
+    resumed, rows, _ = _run(_cfg(root, tmp_path / "cut", resume="auto", **common))
+    assert rows == full[2:]
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
 
 
 # ------------------------------------------------------------------ GPU: a real inductor compile
