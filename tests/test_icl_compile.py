@@ -33,7 +33,7 @@ try:
 except ImportError:  # torch < 2.9
     HAS_DYNAMIC_INT = False
 
-TERMS = ("total", "supervised", "auxiliary", "pseudo", "consistency", "confident")
+TERMS = ("total", "supervised", "auxiliary", "pseudo", "consistency", "confident", "mask_ratio", "consistency_scale")
 
 
 @pytest.fixture(autouse=True)
