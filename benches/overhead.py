@@ -13,8 +13,13 @@ Rows (metric / unit):
                        (a TorchDispatchMode), the loss included
   aten_launch_ops      the same without view ops (on a GPU each is a kernel launch)
   share / fraction     (provider ``<name>:part=<piece>``) the profiler's share of the
-                       module's host time per piece (torch.profiler, self CPU time
-                       grouped by the op or Python function it belongs to)
+                       module's host time per piece (kernels, fold, unfold: their
+                       profiler scopes, inner calls included; rest)
+  piece_time / us      (provider ``<name>:piece=<piece>``) each piece of the module's
+                       forward+backward timed alone on a real call's inputs: argument
+                       checks, backend resolution, parameter access, fold, kernels,
+                       unfold and their backwards; the remainder of the whole is the
+                       autograd node, the engine and the loss
 Providers:
   published            LayerNorm + the published Query_Attention (icl_kernels.published)
   icl-<backend>        ProxyAttention(token_norm=True, official_layout=True) on each
@@ -149,24 +154,25 @@ def host_time_us(step, device, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-# Pieces of the module's forward+backward, by the profiler event they show up as.
+# Pieces of the module's forward+backward, by the profiler event they show up as
+# (the C++ pieces open a profiler scope of their own, in the C++ node and when the
+# Python Function calls them alike).
 PIECES = [
-    ("kernels", ("icl_kernels::_proxy_attention_forward", "icl_kernels::_proxy_attention_backward",
-                 "proxy_attention_forward", "proxy_attention_backward")),
-    ("fold", ("icl_kernels::_proxy_block_fold", "icl_kernels::_proxy_block_fold_backward")),
-    ("unfold", ("icl_kernels::_proxy_block_unfold", "icl_kernels::_proxy_block_unfold_backward")),
+    ("kernels", ("icl_kernels::_proxy_attention_forward", "icl_kernels::_proxy_attention_backward")),
+    ("fold", ("icl_kernels::fold", "icl_kernels::fold_backward")),
+    ("unfold", ("icl_kernels::unfold", "icl_kernels::unfold_backward")),
 ]
 
 
 def profile_pieces(step, device, calls: int) -> Dict[str, float]:
-    """Share of the step's host time per piece: the kernels, the fold and unfold pieces
-    (C++ ops, their inner ATen calls included), and the rest (argument checks, backend
-    resolution, the autograd Function and engine, the loss)."""
+    """Share of the step's host time per piece under torch.profiler: the kernels and
+    the fold / unfold pieces (forward and backward, their inner ATen calls included);
+    "rest" is everything else (argument checks, backend resolution, the autograd
+    node and engine, the loss), with the profiler's own cost in every piece."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
-    acts = [ProfilerActivity.CPU]
-    with profile(activities=acts) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(calls):
             step()
@@ -176,16 +182,72 @@ def profile_pieces(step, device, calls: int) -> Dict[str, float]:
     totals = {name: 0.0 for name, _ in PIECES}
     for ev in prof.key_averages():
         for name, keys in PIECES:
-            if ev.key in keys or any(ev.key.endswith(k) for k in keys):
+            if ev.key in keys:
                 totals[name] += ev.cpu_time_total  # us, inner calls included
     out = {name: v / wall for name, v in totals.items()}
     out["rest"] = max(0.0, 1.0 - sum(out.values()))
     return out
 
 
+def timed_pieces(shape, device, backend: str, calls: int) -> Dict[str, float]:
+    """Host time (us) of each piece of the module's forward+backward called alone on
+    the inputs of a real call (so they need not add up exactly to the whole)."""
+    from icl_kernels import backends as be
+    from icl_kernels.nn import _weight_and_bias
+    from icl_kernels.ops import proxy_attention_block as blk
+    from icl_kernels.ops.proxy_attention import resolve_backend
+
+    _, B, K, C, H, N = shape
+    g = torch.Generator().manual_seed(1)
+    mod = icl_kernels.ProxyAttention(C, H, official_layout=True, token_norm=True, backend=backend).to(device)
+    q = torch.randn(B, K, C, generator=g).to(device).requires_grad_()
+    x = torch.randn(B, C, N, generator=g).to(device).transpose(1, 2).requires_grad_()
+    kern = resolve_backend(backend, x).kernels("proxy_attention")
+    Wq, bq = _weight_and_bias(mod.fc_q)
+    Wkv, bkv = _weight_and_bias(mod.fc_kv)
+    Wp, bp = _weight_and_bias(mod.proj)
+    gamma, beta = _weight_and_bias(mod.norm_x)
+    mask = blk.head_mask(K, H, True, q.device, Wq.dtype, cache=True)
+    eps, scale = mod.norm_x.eps, mod.scale
+    with torch.no_grad():
+        q2, Qe, Wk_f, v, A, c = blk._FOLD(q, Wq, bq, Wkv, bkv, gamma, beta, mask, scale, x.dtype)
+        Z, S, lse = kern[0](x, A, c, eps)
+        Zc, Zt, O, out = blk._UNFOLD(Z, Wkv, bkv, gamma, beta, Wp, bp, mask, True)
+        d_out, dS = torch.ones_like(out), torch.ones_like(S)
+        dZ, dWp, dbp, dWv, dbv, dgamma, dbeta = blk._UNFOLD_BACKWARD(d_out, Zc, Zt, O, Wkv, gamma, Wp, mask, x.dtype)
+        dx, dA, dc = kern[1](dZ, dS, x, A, c, Z, lse, eps)
+    name = be.requested_name(backend)
+    pieces = {
+        "argument checks": lambda: (mod._check_forward_inputs(q, x), be.requested_name(backend),
+                                    mod._auto_unfused(x, N, K, name)),
+        "backend resolution": lambda: resolve_backend(name, x),
+        "parameter access": lambda: [_weight_and_bias(m) for m in (mod.fc_q, mod.fc_kv, mod.proj, mod.norm_x)],
+        "fold": lambda: blk._FOLD(q, Wq, bq, Wkv, bkv, gamma, beta, mask, scale, x.dtype),
+        "kernel forward": lambda: kern[0](x, A, c, eps),
+        "unfold": lambda: blk._UNFOLD(Z, Wkv, bkv, gamma, beta, Wp, bp, mask, True),
+        "unfold backward": lambda: blk._UNFOLD_BACKWARD(d_out, Zc, Zt, O, Wkv, gamma, Wp, mask, x.dtype),
+        "kernel backward": lambda: kern[1](dZ, dS, x, A, c, Z, lse, eps),
+        "fold backward": lambda: blk._FOLD_BACKWARD(dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, True,
+                                                    scale, dWv, dbv, dgamma, dbeta),
+    }
+    out_us = {}
+    with torch.no_grad():
+        for part, fn in pieces.items():
+            fn()
+            out_us[part] = statistics.median(host_time_us(fn, device, calls) for _ in range(5))
+    step = _attention_step(mod, q, x)
+    step()
+    out_us["whole forward+backward"] = statistics.median(host_time_us(step, device, calls) for _ in range(5))
+    out_us["rest (autograd node, engine, loss)"] = max(
+        0.0, out_us["whole forward+backward"] - sum(v for k, v in out_us.items() if k != "whole forward+backward"))
+    return out_us
+
+
 def parse_args(argv: Optional[List[str]] = None, check_device: bool = True):
+    import argparse
+
     return common.parse_args(__doc__.splitlines()[0], lambda p: (
-        p.add_argument("--overhead", action="store_true", help=argparse_suppress()),
+        p.add_argument("--overhead", action="store_true", help=argparse.SUPPRESS),  # benches.proxy_attention's switch
         p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15, --quick 3)"),
         p.add_argument("--calls", type=int, default=None, help="calls per timed batch (default 200, --quick 20)"),
         p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: host cost, not parallelism)"),
@@ -230,16 +292,12 @@ def run(argv: Optional[List[str]] = None) -> common.Recorder:
         main_be = "cuda" if "cuda" in backends_here else backends_here[0]
         for part, share in profile_pieces(steps[f"icl-{main_be}"], device, calls).items():
             rec.add(f"icl-{main_be}:part={part}", "fwd+bwd", label, dtype, "share", "fraction", (share, share, share))
+        for part, us in timed_pieces(shape, device, main_be, calls).items():
+            rec.add(f"icl-{main_be}:piece={part}", "fwd+bwd", label, dtype, "piece_time", "us", (us, us, us))
     print()
     summarize(rec)
     rec.write_csv(args.csv)
     return rec
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def summarize(rec: common.Recorder) -> None:
@@ -258,6 +316,10 @@ def summarize(rec: common.Recorder) -> None:
         parts = [(p, v) for (sh, p, m), v in got.items() if sh == s and m == "share"]
         if parts:
             print("  profiler shares: " + ", ".join(f"{p.split('=')[1]} {v:.0%}" for p, v in parts))
+        pieces = [(p, v) for (sh, p, m), v in got.items() if sh == s and m == "piece_time"]
+        if pieces:
+            print(f"  pieces alone ({pieces[0][0].split(':')[0]}), us: " +
+                  ", ".join(f"{p.split('=')[1]} {v:.1f}" for p, v in pieces))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -9,14 +9,15 @@
 // are registered as CompositeImplicitAutograd: device independent, and traced
 // through (decomposed into their ATen ops) by torch.compile and fake tensors.
 //
-// For the compiled backends (cpu, cuda) the whole block is also one C++
-// autograd node, `proxy_attention_block`: these pieces around the raw kernels,
-// with no Python in its forward or backward (the same computation as the Python
-// Function ProxyAttentionBlock, which serves the triton and torch backends and
-// calls the pieces above; tested bitwise equal).
+// The whole block is also one C++ autograd node, `proxy_attention_block`:
+// these pieces around the kernels of any backend, with no Python in its forward
+// or backward for the compiled backends (cpu, cuda). The Python Function
+// ProxyAttentionBlock computes the same from the same pieces (tested bitwise
+// equal); it runs only where the extension is not built.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -67,6 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& q, const at::Tensor& Wq, const Opt& bq, const at::Tensor& Wkv, const Opt& bkv,
     const Opt& gamma, const Opt& beta, const at::Tensor& mask, double scale, at::ScalarType x_dtype) {
   BelowAutogradWhenNoGrad below;
+  RECORD_FUNCTION("icl_kernels::fold", std::vector<c10::IValue>());  // a profiler scope (free when off)
   const int64_t B = q.size(0), K = q.size(1), C = q.size(2);
   const int64_t M = mask.size(0), H = mask.size(1);
   const auto dt = Wq.scalar_type();
@@ -91,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unfold(
     const at::Tensor& Z, const at::Tensor& Wkv, const Opt& bkv, const Opt& gamma, const Opt& beta,
     const at::Tensor& Wp, const Opt& bp, const at::Tensor& mask, bool official) {
   BelowAutogradWhenNoGrad below;
+  RECORD_FUNCTION("icl_kernels::unfold", std::vector<c10::IValue>());  // a profiler scope (free when off)
   const int64_t B = Z.size(0), M = Z.size(1), C = Z.size(2);
   const int64_t H = mask.size(1), K = M / H;
   at::Tensor Zc = as_dtype(as_matrix(Z, B * M, C), Wkv.scalar_type());
@@ -112,6 +115,7 @@ unfold_backward(const at::Tensor& d_out, const at::Tensor& Zc, const at::Tensor&
                 const at::Tensor& Wkv, const Opt& gamma, const at::Tensor& Wp, const at::Tensor& mask,
                 at::ScalarType x_dtype) {
   BelowAutogradWhenNoGrad below;
+  RECORD_FUNCTION("icl_kernels::unfold_backward", std::vector<c10::IValue>());  // a profiler scope (free when off)
   const int64_t BK = O.size(0), C = O.size(1), BM = Zc.size(0), B = d_out.size(0);
   const int64_t M = mask.size(0), H = mask.size(1);
   at::Tensor g = as_dtype(as_matrix(d_out, BK, C), Wkv.scalar_type());
@@ -139,6 +143,7 @@ fold_backward(const at::Tensor& dA_in, const at::Tensor& dc_in, const at::Tensor
               const Opt& gamma, const Opt& beta, const at::Tensor& mask, bool official, double scale, const Opt& dWv,
               const Opt& dbv, const Opt& dgamma_in, const Opt& dbeta_in) {
   BelowAutogradWhenNoGrad below;
+  RECORD_FUNCTION("icl_kernels::fold_backward", std::vector<c10::IValue>());  // a profiler scope (free when off)
   const int64_t B = dA_in.size(0), M = dA_in.size(1), C = dA_in.size(2);
   const int64_t H = mask.size(1), BK = q2.size(0);
   const auto dt = Wq.scalar_type();
@@ -178,25 +183,49 @@ fold_backward(const at::Tensor& dA_in, const at::Tensor& dc_in, const at::Tensor
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> raw_forward(const at::Tensor& x, const at::Tensor& A,
-                                                           const at::Tensor& c, std::optional<double> eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("icl_kernels::_proxy_attention_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>)>();
-  return op.call(x, A, c, eps);
+// The kernels: the raw compiled ops of the cpu / cuda backends (the dispatcher
+// picks the device's), or, when a backend name is given (triton, torch), the
+// registered op icl_kernels::proxy_attention_forward / _backward, which calls
+// that backend's Python kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_forward(const at::Tensor& x, const at::Tensor& A,
+                                                              const at::Tensor& c, std::optional<double> eps,
+                                                              c10::string_view backend) {
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             std::optional<double>);
+  using NamedSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, std::optional<double>, c10::string_view);
+  if (backend.empty()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("icl_kernels::_proxy_attention_forward", "")
+                         .typed<Sig>();
+    return op.call(x, A, c, eps);
+  }
+  static auto named = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("icl_kernels::proxy_attention_forward", "")
+                          .typed<NamedSig>();
+  return named.call(x, A, c, eps, backend);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> raw_backward(const Opt& dZ, const Opt& dS, const at::Tensor& x,
-                                                            const at::Tensor& A, const at::Tensor& c,
-                                                            const at::Tensor& Z, const at::Tensor& lse,
-                                                            std::optional<double> eps) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("icl_kernels::_proxy_attention_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const Opt&, const Opt&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, std::optional<double>)>();
-  return op.call(dZ, dS, x, A, c, Z, lse, eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(const Opt& dZ, const Opt& dS, const at::Tensor& x,
+                                                               const at::Tensor& A, const at::Tensor& c,
+                                                               const at::Tensor& Z, const at::Tensor& lse,
+                                                               std::optional<double> eps, c10::string_view backend) {
+  using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const Opt&, const Opt&, const at::Tensor&,
+                                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             const at::Tensor&, std::optional<double>);
+  using NamedSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const Opt&, const Opt&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, std::optional<double>, c10::string_view);
+  if (backend.empty()) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("icl_kernels::_proxy_attention_backward", "")
+                         .typed<Sig>();
+    return op.call(dZ, dS, x, A, c, Z, lse, eps);
+  }
+  static auto named = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("icl_kernels::proxy_attention_backward", "")
+                          .typed<NamedSig>();
+  return named.call(dZ, dS, x, A, c, Z, lse, eps, backend);
 }
 
 Opt defined_or_none(const at::Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
@@ -210,12 +239,12 @@ struct BlockForward {
 BlockForward block_forward(const at::Tensor& q, const at::Tensor& x, const at::Tensor& Wq, const Opt& bq,
                            const at::Tensor& Wkv, const Opt& bkv, const Opt& gamma, const Opt& beta,
                            const at::Tensor& Wp, const Opt& bp, const at::Tensor& mask, bool official, double scale,
-                           std::optional<double> eps) {
+                           std::optional<double> eps, c10::string_view backend) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   BlockForward f;
   std::tie(f.q2, f.Qe, f.Wk_f, f.v, f.A, f.c) = fold(q, Wq, bq, Wkv, bkv, gamma, beta, mask, scale, x.scalar_type());
   at::Tensor S;
-  std::tie(f.Z, S, f.lse) = raw_forward(x, f.A, f.c, eps);
+  std::tie(f.Z, S, f.lse) = kernel_forward(x, f.A, f.c, eps, backend);
   std::tie(f.Zc, f.Zt, f.O, f.out) = unfold(f.Z, Wkv, bkv, gamma, beta, Wp, bp, mask, official);
   const int64_t B = q.size(0), K = q.size(1), H = mask.size(1), N = x.size(1);
   f.attn = official ? S.view({B, H, K, N}).permute({0, 2, 1, 3}) : S.view({B, K, H, N});
@@ -227,13 +256,14 @@ class BlockFunction : public torch::autograd::Function<BlockFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& x, const at::Tensor& Wq,
                                const Opt& bq, const at::Tensor& Wkv, const Opt& bkv, const Opt& gamma,
                                const Opt& beta, const at::Tensor& Wp, const Opt& bp, const at::Tensor& mask,
-                               bool official, double scale, std::optional<double> eps) {
-    BlockForward f = block_forward(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps);
+                               bool official, double scale, std::optional<double> eps, c10::string_view backend) {
+    BlockForward f = block_forward(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps, backend);
     ctx->save_for_backward({f.q2, x, Wq, Wkv, Wp, gamma.value_or(at::Tensor()), beta.value_or(at::Tensor()), mask,
                             f.Qe, f.Wk_f, f.v, f.A, f.c, f.Z, f.lse, f.Zc, f.Zt, f.O});
     ctx->saved_data["official"] = official;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["eps"] = eps.has_value() ? c10::IValue(*eps) : c10::IValue();
+    ctx->saved_data["backend"] = std::string(backend);
     ctx->saved_data["bias"] = static_cast<int64_t>(bq.has_value()) | (static_cast<int64_t>(bkv.has_value()) << 1) |
                               (static_cast<int64_t>(bp.has_value()) << 2);
     ctx->set_materialize_grads(false);
@@ -243,7 +273,7 @@ class BlockFunction : public torch::autograd::Function<BlockFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& d_out = grads[0];
     const at::Tensor& d_attn = grads[1];
-    variable_list result(14);
+    variable_list result(15);
     if (!d_out.defined() && !d_attn.defined()) return result;
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const auto saved = ctx->get_saved_variables();
@@ -274,7 +304,8 @@ class BlockFunction : public torch::autograd::Function<BlockFunction> {
       const int64_t B = A.size(0), M = A.size(1), N = x.size(1);
       dS = as_dtype((official ? d_attn.permute({0, 2, 1, 3}) : d_attn).reshape({B, M, N}), x.scalar_type());
     }
-    auto [dx, dA, dc] = raw_backward(dZ, dS, x, A, c, Z, lse, eps);
+    const std::string backend = ctx->saved_data["backend"].toStringRef();
+    auto [dx, dA, dc] = kernel_backward(dZ, dS, x, A, c, Z, lse, eps, backend);
     if (!(x.is_contiguous() && dx.strides() == x.strides())) {  // dx in x's layout
       at::Tensor want = at::empty_like(x);
       if (want.strides() != dx.strides()) dx = want.copy_(dx);
@@ -299,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor> block_autograd(const at::Tensor& q, const at:
                                                   const Opt& bq, const at::Tensor& Wkv, const Opt& bkv,
                                                   const Opt& gamma, const Opt& beta, const at::Tensor& Wp,
                                                   const Opt& bp, const at::Tensor& mask, bool official,
-                                                  double scale, std::optional<double> eps) {
-  auto outs = BlockFunction::apply(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps);
+                                                  double scale, std::optional<double> eps, c10::string_view backend) {
+  auto outs = BlockFunction::apply(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps, backend);
   return {outs[0], outs[1]};
 }
 
@@ -309,8 +340,9 @@ std::tuple<at::Tensor, at::Tensor> block_no_autograd(const at::Tensor& q, const 
                                                      const Opt& bq, const at::Tensor& Wkv, const Opt& bkv,
                                                      const Opt& gamma, const Opt& beta, const at::Tensor& Wp,
                                                      const Opt& bp, const at::Tensor& mask, bool official,
-                                                     double scale, std::optional<double> eps) {
-  BlockForward f = block_forward(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps);
+                                                     double scale, std::optional<double> eps,
+                                                     c10::string_view backend) {
+  BlockForward f = block_forward(q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp, mask, official, scale, eps, backend);
   return {f.out, f.attn};
 }
 
@@ -334,10 +366,12 @@ TORCH_LIBRARY_FRAGMENT(icl_kernels, m) {
 
 TORCH_LIBRARY_FRAGMENT(icl_kernels, m) {
   // ProxyAttention's fused path: (out [B, K, C], attn [B, K, H, N]); see the Python
-  // ProxyAttentionBlock for the math. mask [M, H, 1] is the head_mask of the layout.
+  // ProxyAttentionBlock for the math. mask [M, H, 1] is the head_mask of the layout;
+  // backend "" runs the compiled kernels of the tensors' device, a name (triton,
+  // torch) that backend's kernels through the registered ops.
   m.def("proxy_attention_block(Tensor q, Tensor x, Tensor Wq, Tensor? bq, Tensor Wkv, Tensor? bkv, "
         "Tensor? gamma, Tensor? beta, Tensor Wp, Tensor? bp, Tensor mask, bool official, float scale, "
-        "float? eps) -> (Tensor out, Tensor attn)");
+        "float? eps, str backend) -> (Tensor out, Tensor attn)");
 }
 
 TORCH_LIBRARY_IMPL(icl_kernels, Autograd, m) {

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import auto, backends
 from .ops.proxy_attention import eager_path, resolve_backend
-from .ops.proxy_attention_block import (BLOCK_NODE_BACKENDS, block_node_available, head_mask,
+from .ops.proxy_attention_block import (COMPILED_KERNEL_BACKENDS, block_node_available, head_mask,
                                        proxy_attention_block)
 
 _warned_dropout_fallback = False
@@ -168,18 +168,18 @@ class ProxyAttention(nn.Module):
             eps = norm.eps
         tensors = (q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp)
         if torch.compiler.is_compiling():
-            eager, kern = False, name                     # traced: the registered ops
-            use_node = _traced_backend_has_node(name, x.device, x.dtype, x.shape[-1])
+            eager = False
+            node_kernels = _traced_node_kernels(name, x.device, x.dtype, x.shape[-1])
         else:
             backend = resolve_backend(name, x)            # fails here, not in autograd, when a named backend cannot run
-            use_node = backend.name in BLOCK_NODE_BACKENDS and block_node_available()
-            eager = eager_path(q, x) if use_node else eager_path(*tensors)  # the node is an op: any tensors
-            kern = None if use_node else (backend.kernels("proxy_attention") if eager else name)
-        if use_node:  # the compiled backends: the whole block as one C++ autograd node
+            node_kernels = _node_kernels(backend.name)
+            eager = eager_path(q, x) if node_kernels is not None else eager_path(*tensors)
+        if node_kernels is not None:  # the whole block as one C++ autograd node
             mask = head_mask(q.shape[1], self.num_heads, self.official_layout, q.device, Wq.dtype, cache=eager)
             out, attn = torch.ops.icl_kernels.proxy_attention_block.default(
-                *tensors, mask, self.official_layout, self.scale, eps)
-        else:
+                *tensors, mask, self.official_layout, self.scale, eps, node_kernels)
+        else:  # no compiled extension: the same computation as a Python Function
+            kern = backend.kernels("proxy_attention") if eager else name
             out, attn = proxy_attention_block(*tensors, self.num_heads, self.official_layout, self.scale, eps, kern)
         drop = mods["proj_drop"]
         if drop.p > 0:
@@ -226,17 +226,25 @@ class ProxyAttention(nn.Module):
             raise ValueError(f"ProxyAttention: q has batch {q.shape[0]} but x has batch {x.shape[0]}")
 
 
-def _traced_backend_has_node(name: str, device: torch.device, dtype: torch.dtype, channels: int) -> bool:
-    """Under torch.compile: whether the backend these tokens resolve to runs the
-    C++ block node (evaluated once at trace time, as a constant)."""
+def _node_kernels(backend: str) -> Optional[str]:
+    """What the C++ block node is told to run for a resolved backend: "" (the
+    compiled kernels of the tensors' device) for cpu / cuda, the backend's name
+    for the others; None when the extension (so the node) is not there."""
+    if not block_node_available():
+        return None
+    return "" if backend in COMPILED_KERNEL_BACKENDS else backend
+
+
+def _traced_node_kernels(name: str, device: torch.device, dtype: torch.dtype, channels: int) -> Optional[str]:
+    """:func:`_node_kernels` under torch.compile (evaluated once at trace time, as a constant)."""
     be = backends.resolve("proxy_attention", name, device, auto.op_order(device.type, channels), dtype=dtype)
-    return be.name in BLOCK_NODE_BACKENDS and block_node_available()
+    return _node_kernels(be.name)
 
 
 # What torch.compiler.assume_constant_result does (it only sets this attribute),
 # without importing torch._dynamo with icl_kernels (about 1 s); a test checks
 # that the decorator still means this.
-_traced_backend_has_node._dynamo_marked_constant = True
+_traced_node_kernels._dynamo_marked_constant = True
 
 
 def _weight_and_bias(module: nn.Module):

@@ -254,9 +254,11 @@ def test_refused_combinations(root, tmp_path, capsys, monkeypatch):
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(T, "_COMPILE_BACKEND", "inductor")
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
-    _one_line_error(capsys, base + ["--device", "cpu", "--compile", "default"],
-                    "--compile default", "C++ compiler", "no-such-c++-compiler", "--compile none")
+    # the config's own patch (monkeypatch's undo would delete the setting of a config proxy)
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+        _one_line_error(capsys, base + ["--device", "cpu", "--compile", "default"],
+                        "--compile default", "C++ compiler", "no-such-c++-compiler", "--compile none")
+    assert inductor_config.cpp.cxx != ("no-such-c++-compiler",)
     assert not os.path.exists(tmp_path / "o")
 
 

@@ -445,8 +445,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> proxy_attention_backward_cpu(
     auto c = c_in.contiguous();
     auto lse = lse_in.contiguous();
     at::Tensor dZ = grad_Z.has_value() ? grad_Z->contiguous() : at::zeros({B, M, C}, x.options());
-    // D[m] = dZ[m] . Z[m], the softmax backward's row constant.
-    at::Tensor D = (dZ * Z).sum(-1).contiguous();
+    // D[m] = dZ[m] . Z[m], the softmax backward's row constant (a loop: two ATen
+    // ops and a temporary cost more host time than the work at training sizes).
+    at::Tensor D = at::empty({B, M}, x.options());
+    {
+      auto Zc = Z.contiguous();
+      const acc_t* zp = Zc.data_ptr<acc_t>();
+      const acc_t* gp = dZ.data_ptr<acc_t>();
+      acc_t* dp = D.data_ptr<acc_t>();
+      at::parallel_for(0, B * M, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          acc_t sum = 0;
+          for (int64_t ch = 0; ch < C; ++ch) sum += gp[i * C + ch] * zp[i * C + ch];
+          dp[i] = sum;
+        }
+      });
+    }
     at::Tensor dS = grad_S.has_value() ? grad_S->contiguous() : at::Tensor();
     auto part_dA = at::empty({B, part.splits, M, C}, x.options());
     auto part_dc = at::empty({B, part.splits, M}, x.options());

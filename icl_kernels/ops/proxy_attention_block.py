@@ -188,9 +188,10 @@ def _pieces():
 
 _FOLD, _UNFOLD, _UNFOLD_BACKWARD, _FOLD_BACKWARD = _pieces()
 
-# Backends whose kernels the C++ autograd node ``icl_kernels::proxy_attention_block``
-# calls (it reaches them through the dispatcher); the others run ProxyAttentionBlock.
-BLOCK_NODE_BACKENDS = ("cpu", "cuda")
+# Backends whose raw compiled kernels the C++ autograd node
+# ``icl_kernels::proxy_attention_block`` calls directly through the dispatcher; for
+# the others it calls the registered op proxy_attention_forward / _backward.
+COMPILED_KERNEL_BACKENDS = ("cpu", "cuda")
 
 
 def block_node_available() -> bool:
