@@ -265,6 +265,10 @@ def test_cpp_node_bitwise_equals_python_function(monkeypatch, backend, official,
     results = []
     for node in (True, False):
         monkeypatch.setattr(icl_kernels.nn, "block_node_available", lambda node=node: node)
+        if not node:  # as without the extension: the Python Function over the Python pieces
+            for name, fn in (("_FOLD", blk.fold), ("_UNFOLD", blk.unfold), ("_UNFOLD_BACKWARD", blk.unfold_backward),
+                             ("_FOLD_BACKWARD", blk.fold_backward)):
+                monkeypatch.setattr(blk, name, fn)
         mod = randomize(ProxyAttention(24, 3, token_norm=token_norm, official_layout=official, backend=backend))
         g = torch.Generator().manual_seed(4)
         q = torch.randn(2, 5, 24, generator=g, requires_grad=True)
