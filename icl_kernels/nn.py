@@ -169,7 +169,7 @@ class ProxyAttention(nn.Module):
         tensors = (q, x, Wq, bq, Wkv, bkv, gamma, beta, Wp, bp)
         if torch.compiler.is_compiling():
             eager = False
-            node_kernels = _traced_node_kernels(name, x.device, x.dtype, x.shape[-1])
+            node_kernels = _traced_node_kernels(name, x.device, x.dtype, self.dim)  # C: a Python int even with dynamic shapes
         else:
             backend = resolve_backend(name, x)            # fails here, not in autograd, when a named backend cannot run
             node_kernels = _node_kernels(backend.name)

@@ -361,3 +361,19 @@ def test_compiled_module_runs_the_cpp_node():
     q, x = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 9, 16, requires_grad=True)
     torch.compile(mod, fullgraph=True, backend=backend)(q, x)
     assert any("proxy_attention_block" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_with_dynamic_shapes(backend):
+    """dynamic=True (what a recompile for a new token count turns on): N and B symbolic."""
+    torch._dynamo.reset()
+    mod = ProxyAttention(16, 2, token_norm=True, official_layout=True, backend=backend)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager", dynamic=True)
+    for B, N in ((2, 9), (3, 20)):
+        q, x = torch.randn(B, 3, 16, requires_grad=True), torch.randn(B, N, 16, requires_grad=True)
+        (o_c, a_c), (o_e, a_e) = compiled(q, x), mod(q, x)
+        torch.testing.assert_close(o_c, o_e)
+        torch.testing.assert_close(a_c, a_e)
+        gx_c, = torch.autograd.grad(o_c.sum() + a_c.square().sum(), x)
+        gx_e, = torch.autograd.grad(o_e.sum() + a_e.square().sum(), x)
+        torch.testing.assert_close(gx_c, gx_e)
