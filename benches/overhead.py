@@ -36,13 +36,12 @@ from collections import Counter
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import icl_kernels
-from icl_kernels.published import Query_Attention
 
 from . import common
+from .proxy_attention import Published  # LayerNorm + the published Query_Attention
 
 OP = "overhead"
 # (label, B, K, C, H, N): the tiny shape, and many query rows (AMOS-like K = 16)
@@ -50,16 +49,6 @@ SHAPES = [("set=tiny;B=2;K=4;C=32;H=4;N=64", 2, 4, 32, 4, 64),
           ("set=tiny-rows;B=2;K=16;C=64;H=4;N=64", 2, 16, 64, 4, 64)]
 VIEW_OPS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "slice", "select", "unsqueeze",
             "squeeze", "detach", "alias", "as_strided", "reshape", "unbind", "split", "narrow", "diagonal"}
-
-
-class Published(nn.Module):
-    def __init__(self, C, H):
-        super().__init__()
-        self.norm = nn.LayerNorm(C)
-        self.attn = Query_Attention(C, H, qkv_bias=True)
-
-    def forward(self, q, x):
-        return self.attn(q, self.norm(x))
 
 
 class _Count(TorchDispatchMode):

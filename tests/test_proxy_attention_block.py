@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import icl_kernels
+from attention_helpers import randomize
 from icl_kernels import ProxyAttention, _extension
 from icl_kernels.ops import proxy_attention_block as blk
 from icl_kernels.ops.proxy_attention import resolve_kernels
@@ -17,14 +18,6 @@ from icl_kernels.published import Query_Attention
 
 needs_ext = pytest.mark.skipif(not _extension.is_loaded(), reason="compiled extension not built")
 BACKENDS = ["cpu", "torch"] if _extension.is_loaded() else ["torch"]
-
-
-def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] % 2 else 0.0))
-    return module
 
 
 class Published(nn.Module):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import icl_kernels
+from attention_helpers import randomize
 from icl_kernels import ProxyAttention, apply_to
 from icl_kernels.published import Query_Attention
 
@@ -17,15 +18,6 @@ TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
 def rel_err(got, want, floor=1e-12):
     got, want = got.double(), want.double()
     return (got - want).norm().item() / (want.norm().item() + floor * want.numel() ** 0.5)
-
-
-def randomize(module, seed=0):
-    """Non-trivial parameters everywhere (LayerNorm affine included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3 + (1.0 if p.dim() == 1 and p.shape[0] % 2 else 0.0))
-    return module
 
 
 def run_and_grads(module, q, x, seed=3):

@@ -28,7 +28,7 @@ bfloat16); the kernels run in x's dtype.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
@@ -147,7 +147,6 @@ def fold_backward(dA, dc, q2, Qe, Wq, Wkv, Wk_f, v, gamma, beta, mask, official:
     dbeta are empty where there is no gamma / beta."""
     B, M, C = dA.shape
     H = mask.shape[1]
-    BK = q2.shape[0]
     dt = Wq.dtype
     dA = dA.reshape(B * M, C).to(dt)
     dc = dc.reshape(B * M).to(dt)
