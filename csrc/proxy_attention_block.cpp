@@ -145,7 +145,7 @@ fold_backward(const at::Tensor& dA_in, const at::Tensor& dc_in, const at::Tensor
   BelowAutogradWhenNoGrad below;
   RECORD_FUNCTION("icl_kernels::fold_backward", std::vector<c10::IValue>());  // a profiler scope (free when off)
   const int64_t B = dA_in.size(0), M = dA_in.size(1), C = dA_in.size(2);
-  const int64_t H = mask.size(1), BK = q2.size(0);
+  const int64_t H = mask.size(1);
   const auto dt = Wq.scalar_type();
   at::Tensor dA = as_dtype(as_matrix(dA_in, B * M, C), dt);
   at::Tensor dc = as_dtype(dc_in.is_contiguous() ? dc_in.view({B * M}) : dc_in.reshape({B * M}), dt);
