@@ -156,11 +156,11 @@ def backbone_state(ckpt: Dict) -> Dict[str, torch.Tensor]:
 
 
 def build_backbone(model_config: Dict) -> torch.nn.Module:
-    from .models import ARCHS
+    from .models import BACKBONES
     from .models import build_backbone as build
 
     arch = model_config.get("arch")
-    if arch not in ARCHS:
+    if arch not in BACKBONES:
         raise CheckpointError(f"checkpoint model_config has unknown arch {arch!r}")
     return build(arch, int(model_config["in_channels"]), int(model_config["num_classes"]),
                  model_config.get("patch_size") or None, **(model_config.get("backbone_options") or {}))

@@ -62,18 +62,18 @@ def cpu_prefers_unfused(tokens: int, channels: int, heads: int, rows: int) -> bo
     return work <= UNFUSED_MAX_WORK or (ratio <= EVEN_RATIO and work <= EVEN_MAX_WORK)
 
 
-def cuda_op_order(channels: int) -> List[str]:
-    """`auto`'s backend preference for the op on CUDA tensors."""
-    order = ["cuda", "triton", "torch"]
-    if channels > CUDA_MAX_CHANNELS:
+# `auto`'s preference per device type for ops without a shape rule: the first
+# backend that can run wins.
+DEVICE_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["cuda", "triton", "torch"]}
+
+
+def op_order(device_type: str, channels: Optional[int] = None) -> List[str]:
+    """The preference order of `auto` on this device type: every op, and the proxy
+    attention op by the token width ``channels`` (on CUDA, no CUDA kernel past
+    CUDA_MAX_CHANNELS; on CPU the cpu kernel at every measured shape, then torch
+    for dtypes the kernel does not take: see the module docstring). The one place
+    that decides the order; :func:`icl_kernels.backends.resolve` walks it."""
+    order = list(DEVICE_ORDER.get(device_type, ["torch"]))
+    if device_type == "cuda" and channels is not None and channels > CUDA_MAX_CHANNELS:
         order.remove("cuda")
     return order
-
-
-def op_order(device_type: str, channels: int) -> Optional[List[str]]:
-    """The preference order of `auto` for the op (None: the registry's default for
-    the device; on CPU that is the cpu kernel at every measured shape, then torch
-    for dtypes the kernel does not take: see the module docstring)."""
-    if device_type == "cuda":
-        return cuda_op_order(channels)
-    return None

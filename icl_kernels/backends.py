@@ -18,11 +18,11 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from . import _extension
+from . import _extension, auto
 
 ENV_VAR = "ICL_KERNELS_BACKEND"
 AUTO = "auto"
@@ -86,8 +86,6 @@ _REGISTRY: Dict[str, Backend] = {}
 _DTYPES: Dict[Tuple[str, str], Tuple[torch.dtype, ...]] = {
     ("cpu", "proxy_attention"): (torch.float32, torch.float64),
 }
-# Preference of `auto` per device type: the first available wins.
-_AUTO_ORDER: Dict[str, List[str]] = {"cpu": ["cpu", "torch"], "cuda": ["cuda", "triton", "torch"]}
 
 
 def register_backend(backend: Backend) -> None:
@@ -189,7 +187,7 @@ def resolve(op: str, name: str, device: torch.device, auto_order: Optional[Seque
     again in the backward gives the forward's backend.
     """
     if name == AUTO:
-        order = auto_order if auto_order is not None else _AUTO_ORDER.get(device.type, ["torch"])
+        order = auto_order if auto_order is not None else auto.op_order(device.type)
         skipped = {}
         for candidate in order:
             backend = _REGISTRY[candidate]

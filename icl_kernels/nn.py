@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import auto, backends
-from .ops.proxy_attention import eager_path, resolve_backend
+from .ops.proxy_attention import eager_path, resolve_backend, resolve_backend_for
 from .ops.proxy_attention_block import (COMPILED_KERNEL_BACKENDS, block_node_available, head_mask,
                                        proxy_attention_block)
 
@@ -142,13 +142,6 @@ class ProxyAttention(nn.Module):
             return t.reshape(B, H, K, -1)
         return t.reshape(B, K, H, -1).transpose(1, 2)
 
-    def _rows(self, t: Tensor) -> Tensor:
-        """[B, H, K, *] -> [B, M, *] in the layout's row order."""
-        B, H, K = t.shape[:3]
-        if self.official_layout:
-            return t.reshape(B, H * K, *t.shape[3:])
-        return t.transpose(1, 2).reshape(B, K * H, *t.shape[3:])
-
     def forward(self, q: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
         self._check_forward_inputs(q, x)
         mods = self._modules  # plain dict lookups: Module.__getattr__ costs ~1 us a call
@@ -237,8 +230,7 @@ def _node_kernels(backend: str) -> Optional[str]:
 
 def _traced_node_kernels(name: str, device: torch.device, dtype: torch.dtype, channels: int) -> Optional[str]:
     """:func:`_node_kernels` under torch.compile (evaluated once at trace time, as a constant)."""
-    be = backends.resolve("proxy_attention", name, device, auto.op_order(device.type, channels), dtype=dtype)
-    return _node_kernels(be.name)
+    return _node_kernels(resolve_backend_for(name, device, dtype, channels).name)
 
 
 # What torch.compiler.assume_constant_result does (it only sets this attribute),

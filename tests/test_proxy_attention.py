@@ -342,14 +342,14 @@ def test_eager_path_equals_registered_op(backend, eps):
 
 def test_eager_path_only_for_plain_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from icl_kernels.ops.proxy_attention import _eager_path
+    from icl_kernels.ops.proxy_attention import eager_path
 
     x, A, c = make_inputs(1, 10, 4, 2)
-    assert _eager_path(x, A.clone().requires_grad_(), torch.nn.Parameter(c.clone()))
-    assert not _eager_path(x.to("meta"), A, c)
+    assert eager_path(x, A.clone().requires_grad_(), torch.nn.Parameter(c.clone()))
+    assert not eager_path(x.to("meta"), A, c)
     mode = FakeTensorMode()
     fx, fA, fc = (mode.from_tensor(t) for t in (x, A, c))
-    assert not _eager_path(fx, A, c)
+    assert not eager_path(fx, A, c)
     with mode:
         Z, S = proxy_attention(fx, fA, fc, backend="torch")
         assert Z.shape == (1, 2, 4) and S.shape == (1, 2, 10)
@@ -486,16 +486,12 @@ def test_auto_falls_back_with_one_warning_when_no_kernel_image(monkeypatch):
 
 
 def test_auto_order_on_cuda_tensors_skips_cuda_for_wide_tokens():
-    import importlib
-    from types import SimpleNamespace
+    from icl_kernels import auto
 
-    op = importlib.import_module("icl_kernels.ops.proxy_attention")  # the module, not the function
-
-    # only .device and .shape are read, so stand-ins describe CUDA inputs without a GPU
-    narrow = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 4, 512))
-    wide = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, 4, 768))
-    assert op._auto_order(narrow)[0] == "cuda"
-    assert "cuda" not in op._auto_order(wide) and op._auto_order(wide)[0] == "triton"
-    assert op._auto_order(SimpleNamespace(device=torch.device("meta"), shape=(1, 4, 8))) is None
-    # on CPU the registry's order: the cpu kernel first
-    assert op._auto_order(SimpleNamespace(device=torch.device("cpu"), shape=(1, 4, 8))) is None
+    # the one place auto's order is decided; the op asks it with the tokens' device type and width
+    assert auto.op_order("cuda", 512)[0] == "cuda"
+    assert "cuda" not in auto.op_order("cuda", 768) and auto.op_order("cuda", 768)[0] == "triton"
+    assert auto.op_order("cuda") == ["cuda", "triton", "torch"]  # ops without a width rule
+    assert auto.op_order("meta", 8) == ["torch"]
+    # on CPU the cpu kernel first, then torch for the dtypes it does not take
+    assert auto.op_order("cpu", 8) == ["cpu", "torch"]

@@ -1,4 +1,4 @@
-"""ICLNet: a backbone with the two ICL heads (SSPA, USCL), and ``build_model``.
+"""ICLNet: a backbone with the two ICL heads (SSPA, USCL).
 
 Backbone contract: ``backbone(x, return_features=True) -> (logits [B, K, *S],
 feats)`` with ``feats`` the list of maps the heads attach to (coarse to fine);
@@ -15,10 +15,10 @@ from torch import Tensor, nn
 
 import icl_kernels
 
-from .attach import SWINUNETR_FEATURES, FeatureTap, attach, build_backbone, set_patch_size, swinunetr_icl_layout
 from .head import ICLHead
+from .tap import FeatureTap
 
-__all__ = ["ICLNet", "ICLOutputs", "build_model", "class_presence"]
+__all__ = ["ICLNet", "ICLOutputs", "class_presence"]
 
 
 @dataclass
@@ -233,71 +233,3 @@ class ICLNet(nn.Module):
             sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             if sub or strict:
                 getattr(self, name).load_published_state_dict(sub, strict=strict)
-
-
-_ARCHS = {
-    # arch: (spatial_dims, feature channels, heads, downsampling of each level)
-    "unet2d": (2, (128, 64, 32), (8, 4, 2), (8, 4, 2)),
-    "unet3d": (3, (256, 128, 64), (16, 8, 4), (16, 8, 4)),
-}
-ARCHS = ("unet2d", "unet3d", "swinunetr")
-
-
-def build_model(
-    arch: str,
-    in_channels: int,
-    num_classes: int,
-    patch_size: Sequence[int],
-    mixer: str = "conv",
-    global_queries: str = "batch",
-    faithful: bool = False,
-    backend: Optional[str] = None,
-    max_mixer_params: Optional[int] = 50_000_000,
-    momentum: float = 0.99,
-    spatial_dims: Optional[int] = None,
-    **backbone_options,
-) -> ICLNet:
-    """An ICL model by backbone name.
-
-    ``"unet2d"``: ICL on 128/64/32 ch at patch/8, /4, /2, heads 8/4/2;
-    ``"unet3d"``: 256/128/64 ch at patch/16, /8, /4, heads 16/8/4 (the published
-    UNets); ``"swinunetr"``: MONAI's SwinUNETR (extra ``monai``; 2D or 3D from
-    ``spatial_dims`` or ``len(patch_size)``; ``backbone_options`` go to
-    SwinUNETR, feature_size F default 48) with ICL where the published
-    ``SwinUNETR_icl`` puts it: on ``decoder5``, ``decoder4``, ``decoder3``
-    (8F/4F/2F ch at patch/16, /8, /4), heads ``num_heads[::-1][:3]``, attached
-    through ``icl.attach`` as any other backbone.
-    """
-    if arch not in ARCHS:
-        raise ValueError(f"build_model: arch must be one of {sorted(ARCHS)}, got {arch!r}")
-    patch = tuple(int(p) for p in patch_size)
-    head_opts = dict(mixer=mixer, global_queries=global_queries, faithful=faithful, momentum=momentum,
-                     backend=backend, max_mixer_params=max_mixer_params)
-    if arch == "swinunetr":
-        dims = len(patch) if spatial_dims is None else int(spatial_dims)
-        if len(patch) != dims:
-            raise ValueError(f"build_model: swinunetr with spatial_dims={dims} needs a {dims}-D patch_size, got {patch}")
-        backbone = build_backbone("swinunetr", in_channels, num_classes, patch, spatial_dims=dims, **backbone_options)
-        chans, heads = swinunetr_icl_layout(backbone_options.get("feature_size", 48),
-                                            backbone_options.get("num_heads", (3, 6, 12, 24)))
-        sizes = [tuple(p // s for p in patch) for s in (16, 8, 4)]
-        return attach(backbone, num_classes, feature_modules=SWINUNETR_FEATURES, channels=chans, num_heads=heads,
-                      patch_size=patch, feature_sizes=sizes, spatial_dims=dims, **head_opts)
-    if backbone_options:
-        raise ValueError(f"build_model: {arch} takes no backbone options, got {sorted(backbone_options)}")
-    dims, chans, heads, strides = _ARCHS[arch]
-    if spatial_dims is not None and int(spatial_dims) != dims:
-        raise ValueError(f"build_model: {arch} is {dims}-D, got spatial_dims={spatial_dims}")
-    if len(patch) != dims:
-        raise ValueError(f"build_model: {arch} needs a {dims}-D patch_size, got {patch}")
-    if any(p <= 0 or p % 16 for p in patch):
-        raise ValueError(
-            f"build_model: every patch_size entry must be a positive multiple of 16 (the {arch} downsampling), got {patch}"
-        )
-    backbone = build_backbone(arch, in_channels, num_classes)
-    sizes = [tuple(p // s for p in patch) for s in strides]
-    net = ICLNet(backbone, chans, num_classes, heads, feature_sizes=sizes, spatial_dims=dims, **head_opts)
-    # the training patch: what icl.predict resizes slices to / slides windows of by default
-    net.patch_size = patch
-    set_patch_size(backbone, patch)
-    return net

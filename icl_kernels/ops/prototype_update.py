@@ -358,7 +358,7 @@ def _row_labels(B: int, K: int, device: torch.device) -> Tensor:
     labels = _ROW_LABELS.get(key) if not torch.compiler.is_compiling() else None
     if labels is None:
         labels = torch.arange(K, device=device, dtype=torch.int32).unsqueeze(0).expand(B, K).contiguous()
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and type(labels) is torch.Tensor:  # never keep a fake tensor
             _ROW_LABELS[key] = labels
     return labels
 

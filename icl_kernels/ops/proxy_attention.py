@@ -15,7 +15,7 @@ keeping a [B, M, N] probability map.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,17 +28,15 @@ OP = "proxy_attention"
 CUDA_MAX_CHANNELS = auto.CUDA_MAX_CHANNELS  # widest tokens the CUDA kernels take
 
 
-def _auto_order(x: Tensor) -> Optional[Sequence[str]]:
-    """`auto`'s preference for these tokens (:mod:`icl_kernels.auto`): on CUDA the
-    CUDA kernels then Triton (C > 512: Triton only); elsewhere the registry's
-    order for the device (on CPU: the cpu kernel, then torch)."""
-    return auto.op_order(x.device.type, x.shape[-1])
-
-
 def resolve_backend(name: str, x: Tensor) -> backends.Backend:
     """The backend that runs these tokens for the requested backend name (raises
     when a named backend cannot run)."""
-    return backends.resolve(OP, name, x.device, _auto_order(x), dtype=x.dtype)
+    return resolve_backend_for(name, x.device, x.dtype, x.shape[-1])
+
+
+def resolve_backend_for(name: str, device: torch.device, dtype: torch.dtype, channels: int) -> backends.Backend:
+    """:func:`resolve_backend` for tokens of this device, dtype and width."""
+    return backends.resolve(OP, name, device, auto.op_order(device.type, channels), dtype=dtype)
 
 
 def resolve_kernels(name: str, x: Tensor):
@@ -177,9 +175,6 @@ def eager_path(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
-
-
-_eager_path = eager_path  # the name the tests know
 
 
 # Fake implementations of the raw compiled kernels, so they too can be traced
