@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -28,97 +27,32 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    S = argparse.SUPPRESS
-    g = p.add_argument_group("data")
-    g.add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (flags override it)")
-    g.add_argument("--dataset", choices=None, metavar="{acdc,la,brats2019,nifti,synthetic}", default=S)
-    g.add_argument("--root", metavar="DIR", default=S, help="data set folder")
-    g.add_argument("--num-classes", type=int, metavar="K", default=S, help="classes including background")
-    g.add_argument("--labeled-num", type=int, metavar="N", default=S,
-                   help="labeled patients (ACDC 2D: 3, 7, 14, 21, 28, 35, 140) or cases")
-    g.add_argument("--labeled-fraction", type=float, metavar="F", default=S,
-                   help="label the first fraction F of the training slices/cases")
-    g.add_argument("--patch-size", type=int, nargs="+", metavar="S", default=S,
-                   help="2 sizes: 2D UNet (e.g. 256 256); 3 sizes: 3D UNet (e.g. 96 96 96)")
-    g.add_argument("--in-channels", type=int, metavar="C", default=S, help="input channels (default: from the data)")
-    g.add_argument("--slice-axis", type=int, default=S, help="spatial axis 2D models cut volumes along")
-    g.add_argument("--spacing", type=float, nargs="+", default=S, help="voxel size of h5 data (for HD95/ASD in mm)")
-    g.add_argument("--normalization", nargs="+", default=S,
-                   help="NIfTI: per-channel scheme ct|zscore|percentile|none (default from dataset.json)")
-    g.add_argument("--target-spacing", type=float, nargs="+", default=S, help="NIfTI: resample to this voxel size")
-    g.add_argument("--ct-window", type=float, nargs=2, default=S, help="NIfTI CT window (default -175 250)")
-    g.add_argument("--cache-dir", default=S, help="NIfTI: preprocessed-array cache (default OUT/cache)")
-    g.add_argument("--val-fraction", type=float, default=S, help="share of cases drawn for validation when no list")
-    g.add_argument("--interpolation", choices=["linear", "nearest"], default=S,
-                   help="2D image resampling in training and evaluation (published: nearest)")
-    g.add_argument("--fill", choices=["edge", "zero"], default=S, help="2D rotation corners (published: zero)")
-    g.add_argument("--intensity-aug", default=S, metavar="LIST",
-                   help="intensity augmentations: 'default' or a list from gamma,noise,bias")
-    g.add_argument("--num-workers", type=int, default=S)
-    g = p.add_argument_group("model and method")
-    g.add_argument("--model", choices=["unet", "swinunetr"], default=S,
-                   help="backbone (swinunetr: MONAI's, pip install 'icl-kernels[monai]')")
-    g.add_argument("--method", choices=["icl", "supervised", "mean-teacher", "fixmatch", "unimatch"], default=S)
-    g.add_argument("--icl-views", choices=["one", "weak-strong", "weak-strong-all", "weak-strong-confident", "one-confident"], default=S,
-                   help="icl: one view of the unlabeled batch (published), weak targets for USCL on a strong "
-                        "view, also for the backbone's strong-view prediction (all), or plus FixMatch's confident "
-                        "hard-label term on the backbone's strong view (*-confident)")
-    g.add_argument("--icl-passes", choices=["split", "joint"], default=S,
-                   help="icl: the backbone sees labeled and unlabeled images in separate passes (split, "
-                        "published: BatchNorm statistics per part) or in one (joint)")
-    g.add_argument("--mixer", choices=["conv", "mlp"], default=S)
-    g.add_argument("--global-queries", choices=["memory", "batch"], default=S)
-    g.add_argument("--faithful", action="store_true", default=S, help="published head quirks (for equivalence)")
-    g.add_argument("--max-mixer-params", type=int, default=S,
-                   help="limit on the parameters of mixer=mlp (the published 2D head needs ~1.1e9)")
-    g.add_argument("--backend", choices=["auto", "triton", "cuda", "cpu", "torch"], default=S)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, metavar="B", default=S, help="per rank (default 16 2D, 4 3D)")
-    g.add_argument("--labeled-bs", type=int, metavar="L", default=S, help="labeled items per batch (default B/2)")
-    g.add_argument("--max-iterations", type=int, metavar="T", default=S)
-    g.add_argument("--base-lr", type=float, default=S)
-    g.add_argument("--weight-decay", type=float, default=S)
-    g.add_argument("--consistency-rampup", type=float, default=S, help="sigmoid ramp-up length (0: none)")
-    g.add_argument("--confidence-threshold", type=float, default=S,
-                   help="fixmatch, unimatch, icl *-confident views: softmax confidence a pseudo-label needs (default 0.95)")
-    g.add_argument("--loss-weights", type=_loss_weights, metavar="TERM=W,...", default=S,
-                   help="override the method's loss weights, e.g. pseudo=0,consistency=10 (icl); "
-                        "a method refuses terms it does not have")
-    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=S)
-    g.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default=S,
-                   help="torch.compile each iteration's forward and losses with this mode (reduce-overhead: "
-                        "CUDA graphs, GPU only); the first iterations compile (minutes on a CPU). Default none")
-    g.add_argument("--seed", type=int, default=S)
-    g.add_argument("--deterministic", action="store_true", default=S)
-    g.add_argument("--device", default=S, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", default=S)
-    g.add_argument("--val-every", type=int, metavar="V", default=S)
-    g.add_argument("--save-every", type=int, metavar="N", default=S)
-    g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT", default=S,
-                   help="continue from OUT/checkpoints/last.pt (or CKPT)")
-    g.add_argument("--overwrite", action="store_true", default=S,
-                   help="replace the run already in OUT (its checkpoints, logs and results are deleted)")
-    g.add_argument("--overlap", type=float, default=S, help="3D sliding-window overlap")
-    g.add_argument("--no-test", dest="test", action="store_false", default=S, help="skip the final test evaluation")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S)
+    """``icl train``'s flags: every option of icl.config.TrainConfig, plus ``--config``."""
+    from .config import add_train_arguments
+
+    def config_flag(groups):
+        groups["data"].add_argument("--config", metavar="FILE.yaml", help="options from a YAML file (flags override it)")
+
+    add_train_arguments(p, extra=config_flag)
 
 
 def _loss_weights(text: str) -> Dict[str, float]:
-    """``a=1,b=0.5`` -> {"a": 1.0, "b": 0.5} (argparse turns the ValueError into a usage error)."""
-    out: Dict[str, float] = {}
-    for item in text.split(","):
-        term, sep, value = item.partition("=")
-        term = term.strip()
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = math.nan
-        if not sep or not term or not math.isfinite(weight):
-            raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT[,TERM=WEIGHT...] with finite numbers, "
-                                             f"got {item!r} in {text!r}")
-        out[term] = weight
-    return out
+    """``a=1,b=0.5`` -> {"a": 1.0, "b": 0.5} (see icl.config.parse_loss_weights)."""
+    from .config import parse_loss_weights
+
+    return parse_loss_weights(text)
+
+
+def _backend_names():
+    from icl_kernels.backends import backend_names
+
+    return list(backend_names())
+
+
+def _amp_modes():
+    from .inference import AMP_MODES
+
+    return list(AMP_MODES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--jobs", type=int, help="runs trained at a time, each in its own process (default on CPU: one "
                                             "per usable core, at most the number of runs; on GPU 1)")
     d.add_argument("--threads", type=int, help="torch threads per run (default: usable cores // jobs)")
-    d.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "cpu", "torch"])
+    d.add_argument("--backend", default="auto", choices=_backend_names())
     d.add_argument("--no-progress", dest="progress", action="store_false")
 
     t = sub.add_parser("train", parents=[common], help="train a model (ICL or the supervised baseline)")
@@ -161,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overlap", type=float, default=0.5)
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device")
-    e.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    e.add_argument("--amp", choices=_amp_modes(), default="none")
     e.add_argument("--spacing", type=float, nargs="+")
     e.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -173,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--slice-axis", type=int, help="default: the checkpoint's")
     r.add_argument("--device")
-    r.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    r.add_argument("--amp", choices=_amp_modes(), default="none")
     r.add_argument("--no-progress", dest="progress", action="store_false")
 
     x = sub.add_parser("export", parents=[common], help="write a backbone-only checkpoint (plain UNet state dict)")
@@ -199,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args: argparse.Namespace):
     import yaml
 
-    from .train import ConfigError, TrainConfig
+    from .config import TrainConfig
+    from .errors import ConfigError
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     base: Dict = {}
@@ -284,7 +219,7 @@ def cmd_evaluate(args) -> int:
     from .data import build_source
     from .evaluate import evaluate_cases, write_results
     from .rundir import ensure_dir
-    from .train import ConfigError
+    from .errors import ConfigError
     from .validate import resolve_device
 
     device = resolve_device(args.device)
@@ -329,7 +264,7 @@ def _check_run_options(args) -> None:
 
 
 def _collect_inputs(inputs: Sequence[str]):
-    from .train import ConfigError
+    from .errors import ConfigError
 
     files = []
     for inp in inputs:
@@ -352,7 +287,7 @@ def _nifti_groups(files: Sequence[str], in_channels: int):
     """Group NIfTI files into cases: <case>_XXXX.nii.gz channel files, or one file per case."""
     import re
 
-    from .train import ConfigError
+    from .errors import ConfigError
 
     groups: Dict[str, Dict[int, str]] = {}
     singles = []
@@ -453,7 +388,9 @@ def cmd_export(args) -> int:
     ck = C.load(args.checkpoint)
     C.export_backbone(ck, args.out)
     mc = ck["model_config"]
-    cls = {"unet2d": "UNet2D", "unet3d": "UNet3D"}.get(mc["arch"], "MONAI SwinUNETR")
+    from .models import get_backbone
+
+    cls = get_backbone(mc["arch"]).title or mc["arch"]
     _say(f"wrote {args.out}: {cls}(in_channels={mc['in_channels']}, num_classes={mc['num_classes']}) state dict")
     return 0
 

@@ -48,10 +48,15 @@ def _in_channels(model) -> Optional[int]:
     return getattr(bb, "in_channels", None)
 
 
+#: ``--amp`` values: none (float32), or the autocast dtype.
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_MODES = tuple(AMP_DTYPES)
+
+
 def autocast(device: torch.device, amp: str):
     if amp in (None, "none"):
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    dtype = AMP_DTYPES[amp]
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

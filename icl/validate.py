@@ -1,11 +1,15 @@
 """One validation pass over a training configuration, before anything is trained or written.
 
-Three stages, each raising :class:`~icl.errors.ConfigError` that names the option:
+The one place options are checked (the schema is :mod:`icl.config`; each method
+adds its own ``check_config``). Three stages, each raising
+:class:`~icl.errors.ConfigError` that names the option:
 
 - :func:`check_types`: every value of a config file or dict has its field's type
   (``max_iterations: many`` is refused where it is read, not at iteration 0);
-- :func:`check_options`: ranges and lengths that need no data (workers, sizes,
-  fractions, the device and the kernel backend this machine can run);
+- :func:`check_config`: required options, choices (from their registries), the
+  patch against the backbone registry, the method's own checks, ranges and
+  lengths that need no data (workers, sizes, fractions, the device and the
+  kernel backend this machine can run);
 - :func:`check_against_data`: what needs the data set (``--spacing`` has one value
   per axis of its volumes, ``--slice-axis`` is one of those axes, the labeled subset
   leaves unlabeled items for a semi-supervised method, every listed file exists).
@@ -19,12 +23,10 @@ from typing import Any, Dict, Optional, Sequence
 
 from .errors import ConfigError
 
-# fields whose declared type is narrower than what they accept
-_ALSO_BOOL = {"resume"}  # resume: true (YAML) means "the run's last.pt"
-
-
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    from .config import flag_of
+
+    return flag_of(name)
 
 
 def _describe(t) -> str:
@@ -42,6 +44,8 @@ def _describe(t) -> str:
         return f"a list of {_describe(args[0]).replace('an ', '').replace('a ', '')}s" if args else "a list"
     if origin in (dict, typing.Dict):
         return "a mapping"
+    if origin is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(t) if a is not type(None))
     return str(t)
 
 
@@ -85,7 +89,7 @@ def check_types(cls, values: Dict, origin: str = "config") -> Dict:
     out = dict(values)
     for k, v in values.items():
         t = hints.get(k)
-        if t is None or _fits(v, t) or (k in _ALSO_BOOL and isinstance(v, bool)):
+        if t is None or _fits(v, t):
             if _non_none(t) is int and isinstance(v, float):
                 out[k] = int(v)
             continue
@@ -146,8 +150,88 @@ def _positive_list(cfg, name: str, length: Optional[int] = None) -> None:
         raise ConfigError(f"{flag} {' '.join(map(str, vals))}: every value must be a positive number")
 
 
+def _or(names) -> str:
+    names = [str(n) for n in names]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_choices(cfg) -> None:
+    """Every option with choices (from its registry) holds one of them."""
+    from .config import TrainConfig
+
+    for name, spec in TrainConfig.options():
+        if spec.choices is None:
+            continue
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        choices = tuple(spec.choices())
+        if value not in choices:
+            raise ConfigError(f"{_flag(name)} {value!r}: {spec.choice_error}expected one of {', '.join(choices)}")
+
+
+def check_config(cfg) -> None:
+    """The whole check of a TrainConfig before anything is read or written (fills the defaults that
+    depend on other options: batch sizes)."""
+    req = [("dataset", "--dataset"), ("root", "--root"), ("num_classes", "--num-classes"),
+           ("patch_size", "--patch-size"), ("out", "--out")]
+    for attr, flag in req:
+        if getattr(cfg, attr) in (None, "", []):
+            raise ConfigError(f"{flag} is required")
+    check_choices(cfg)
+    if not os.path.isdir(cfg.root):
+        raise ConfigError(f"--root {cfg.root}: directory not found")
+    if (cfg.labeled_num is None) == (cfg.labeled_fraction is None):
+        raise ConfigError("give exactly one of --labeled-num and --labeled-fraction")
+    _check_model(cfg)
+    if int(cfg.num_classes) < 2:
+        raise ConfigError(f"--num-classes must be at least 2 (background + one class), got {cfg.num_classes}")
+    cfg.num_classes = int(cfg.num_classes)
+    if cfg.batch_size is None:
+        cfg.batch_size = 16 if cfg.spatial_dims == 2 else 4
+    if cfg.labeled_bs is None:
+        cfg.labeled_bs = cfg.batch_size // 2
+    if cfg.labeled_bs <= 0 or cfg.labeled_bs > cfg.batch_size:
+        raise ConfigError(f"--labeled-bs {cfg.labeled_bs} must be in 1..--batch-size ({cfg.batch_size})")
+    from .methods import get_method
+
+    try:
+        get_method(cfg.method).check_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if cfg.max_iterations <= 0:
+        raise ConfigError(f"--max-iterations must be positive, got {cfg.max_iterations}")
+    if not 0.0 <= cfg.overlap < 1.0:
+        raise ConfigError(f"--overlap must be in [0, 1), got {cfg.overlap}")
+    from .data import IntensityAugment
+
+    try:
+        IntensityAugment.from_config(cfg.intensity_aug)
+    except ValueError as exc:
+        raise ConfigError(f"--intensity-aug: {exc}") from exc
+    check_options(cfg)
+
+
+def _check_model(cfg) -> None:
+    """The patch against the backbone registry (icl.models.registry): dimensions, multiples, bottleneck."""
+    from .models.registry import BACKBONES, arch_for
+
+    cfg.patch_size = [int(p) for p in cfg.patch_size]
+    sizes = " ".join(map(str, cfg.patch_size))
+    dims = sorted({d for s in BACKBONES.values() if s.model_name == cfg.model for d in s.spatial_dims})
+    if len(cfg.patch_size) not in dims:
+        kinds = [f"{d} ({arch_for(cfg.model, d)})" for d in dims]
+        raise ConfigError(f"--patch-size {sizes}: give {_or(kinds)} sizes for --model {cfg.model}")
+    spec = BACKBONES[cfg.arch]
+    problem = spec.patch_problem(cfg.patch_size)
+    if problem:
+        raise ConfigError(f"--patch-size {sizes}: {problem}")
+    if cfg.model_options and not spec.takes_options:
+        raise ConfigError(f"model_options {cfg.model_options}: the {cfg.model} backbone takes none")
+
+
 def check_options(cfg) -> None:
-    """Ranges and lengths of a resolved TrainConfig that need no data; also the device and backend."""
+    """Ranges and lengths of a TrainConfig that need no data; also the device and backend."""
     def need(cond, msg):
         if not cond:
             raise ConfigError(msg)
@@ -200,9 +284,9 @@ def check_compile(mode: str, device) -> None:
     if mode == "reduce-overhead" and device.type != "cuda":
         raise ConfigError(f"--compile reduce-overhead: its CUDA graphs need a GPU and this run is on {device}, "
                           f"where it would silently be --compile default; use --compile default or max-autotune")
-    from . import train
+    from .training import compile as compiled
 
-    if train._COMPILE_BACKEND != "inductor":  # tests trace with aot_eager: no code generation
+    if compiled.COMPILE_BACKEND != "inductor":  # tests trace with aot_eager: no code generation
         return
     if device.type == "cuda":
         from torch.utils._triton import has_triton

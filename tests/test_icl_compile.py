@@ -19,6 +19,7 @@ import torch
 import yaml
 
 import icl.train as T
+import icl.training.compile as compiled
 from icl import checkpoint as C
 from icl.cli import build_parser, main
 from icl.data import make_synthetic
@@ -38,7 +39,7 @@ TERMS = ("total", "supervised", "auxiliary", "pseudo", "consistency", "confident
 
 @pytest.fixture(autouse=True)
 def aot_eager(monkeypatch):
-    monkeypatch.setattr(T, "_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "aot_eager")
 
 
 @pytest.fixture
@@ -253,7 +254,7 @@ def test_refused_combinations(root, tmp_path, capsys, monkeypatch):
     # inductor without a C++ compiler: refused before any data is read, not inside the first iteration
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(T, "_COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "inductor")
     # the config's own patch (monkeypatch's undo would delete the setting of a config proxy)
     with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
         _one_line_error(capsys, base + ["--device", "cpu", "--compile", "default"],
@@ -275,7 +276,7 @@ def _ddp_worker(rank, world, port, cfg, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    T._COMPILE_BACKEND = "aot_eager"
+    compiled.COMPILE_BACKEND = "aot_eager"
     from torch._dynamo.backends.distributed import DDPOptimizer
 
     calls = []
@@ -323,7 +324,7 @@ def test_ddp_two_ranks_compiled(root, tmp_path):
 def test_inductor_resume_is_bitwise_equal_on_cpu(root, tmp_path, monkeypatch):
     """Inductor's random numbers come from the global generator the checkpoint restores: a compiled run
     interrupted and resumed ends bitwise equal to an uninterrupted compiled one."""
-    monkeypatch.setattr(T, "_COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "inductor")
     common = dict(method="supervised", max_iterations=4, deterministic=True, compile="default")
     res, full, frames = _run(_cfg(root, tmp_path / "full", **common))
     assert res.metrics["compile"]["backend"] == "inductor" and res.metrics["compile"]["graphs"] >= 1
@@ -342,7 +343,7 @@ def test_inductor_resume_is_bitwise_equal_on_cpu(root, tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_inductor_compile_on_gpu(root, tmp_path, monkeypatch, mode):
-    monkeypatch.setattr(T, "_COMPILE_BACKEND", "inductor")
+    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "inductor")
     kw = dict(device="cuda", max_iterations=3, backend="auto")
     _, eager, _ = _run(_cfg(root, tmp_path / "eager", **kw))
     res, compiled, frames = _run(_cfg(root, tmp_path / mode, compile=mode, **kw))

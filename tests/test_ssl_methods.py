@@ -122,7 +122,10 @@ def test_method_config_errors(acdc, tmp_path):
     # the supervised baseline may use the whole batch for labeled items
     TrainConfig(**_cfg(acdc, tmp_path, method="supervised", labeled_bs=4)).resolve()
     with pytest.raises(ConfigError, match="unimatch needs a backbone with an encoder/decoder"):
-        TrainConfig(**_cfg(acdc, tmp_path, method="unimatch", model="swinunetr")).resolve()
+        TrainConfig(**_cfg(acdc, tmp_path, method="unimatch", model="swinunetr", patch_size=[64, 64])).resolve()
+    # the backbone registry's patch rules hold at config time (32 x 32: a one-voxel SwinUNETR bottleneck)
+    with pytest.raises(ConfigError, match="--patch-size 32 32: swinunetr would have a single-voxel bottleneck"):
+        TrainConfig(**_cfg(acdc, tmp_path, method="icl", model="swinunetr")).resolve()
     assert set(METHODS) == {"supervised", "icl", "mean-teacher", "fixmatch", "unimatch"}
     assert get_method("fixmatch").name == "fixmatch"
 

@@ -53,6 +53,11 @@ def rot_flip(image, label, rng: np.random.Generator, axes: Tuple[int, int] = (0,
     return np.ascontiguousarray(image), (None if label is None else np.ascontiguousarray(label))
 
 
+#: 2D image resampling modes (training and evaluation) and rotation-corner fills.
+INTERPOLATIONS = ("linear", "nearest")
+FILLS = ("edge", "zero")
+
+
 def rotate(image, label, rng: np.random.Generator, max_angle: float = 20.0, axes=(0, 1), order: int = 1,
            fill: str = "edge"):
     """A random rotation in [-max_angle, max_angle) degrees in the plane ``axes`` (size kept).
@@ -60,7 +65,7 @@ def rotate(image, label, rng: np.random.Generator, max_angle: float = 20.0, axes
     Image: bilinear (``order=1``) or nearest (``order=0``); corners outside the
     rotated image repeat the edge (``fill="edge"``) or are 0 (``fill="zero"``,
     the published pipeline). Label: nearest, corners 0."""
-    if fill not in ("edge", "zero"):
+    if fill not in FILLS:
         raise ValueError(f"rotate: fill must be 'edge' or 'zero', got {fill!r}")
     mode = "nearest" if fill == "edge" else "constant"
     angle = float(rng.uniform(-max_angle, max_angle))
@@ -231,9 +236,9 @@ class TrainAugment:
     fill: str = "edge"
 
     def __post_init__(self):
-        if self.interpolation not in ("linear", "nearest"):
+        if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"TrainAugment: interpolation must be 'linear' or 'nearest', got {self.interpolation!r}")
-        if self.fill not in ("edge", "zero"):
+        if self.fill not in FILLS:
             raise ValueError(f"TrainAugment: fill must be 'edge' or 'zero', got {self.fill!r}")
 
     def __call__(self, image, label, rng: np.random.Generator):

@@ -56,10 +56,6 @@ class ICLMethod(Method):
     @classmethod
     def check_config(cls, cfg):
         super().check_config(cfg)
-        if cfg.icl_views not in VIEWS:
-            raise ValueError(f"--icl-views {cfg.icl_views!r}: expected one of {', '.join(VIEWS)}")
-        if cfg.icl_passes not in PASSES:
-            raise ValueError(f"--icl-passes {cfg.icl_passes!r}: expected one of {', '.join(PASSES)}")
         if "confident" in (cfg.loss_weights or {}) and cfg.icl_views not in CONFIDENT:
             raise ValueError(f"loss_weights: the 'confident' term needs --icl-views {' or '.join(CONFIDENT)}, "
                              f"got --icl-views {cfg.icl_views}")

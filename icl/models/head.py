@@ -182,6 +182,10 @@ class ClassDecoder(nn.Module):
         return q, logits
 
 
+#: token mixers of the class decoders: depthwise-separable convolution, or the published Linear(N, N)
+MIXERS = ("conv", "mlp")
+
+
 class ICLHead(nn.Module):
     """Semantic-proxy head on a list of multi-scale feature maps (SSPA or USCL).
 
@@ -237,7 +241,7 @@ class ICLHead(nn.Module):
         if L == 0 or len(num_heads) != L:
             raise ValueError(f"ICLHead: in_channels ({in_channels}) and num_heads ({num_heads}) must be non-empty and of equal length")
         Conv = _conv(spatial_dims)
-        if mixer not in ("mlp", "conv"):
+        if mixer not in MIXERS:
             raise ValueError(f"ICLHead: mixer must be 'mlp' or 'conv', got {mixer!r}")
         sizes: Optional[List[Tuple[int, ...]]] = None
         if feature_sizes is not None:

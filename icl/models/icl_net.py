@@ -53,6 +53,10 @@ def _freeze_query_output(decoder: nn.Module) -> None:
         mod.requires_grad_(False)
 
 
+#: the queries of USCL: the batch of SSPA's updated labeled queries (published) or momentum memories
+GLOBAL_QUERIES = ("batch", "memory")
+
+
 class ICLNet(nn.Module):
     """A segmentation backbone trained with Inherent Consistent Learning.
 
@@ -102,7 +106,7 @@ class ICLNet(nn.Module):
         feature_tap: Optional[FeatureTap] = None,
     ) -> None:
         super().__init__()
-        if global_queries not in ("batch", "memory"):
+        if global_queries not in GLOBAL_QUERIES:
             raise ValueError(f"ICLNet: global_queries must be 'batch' or 'memory', got {global_queries!r}")
         self.backbone = backbone
         self.feature_tap = feature_tap
