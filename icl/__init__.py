@@ -1,31 +1,30 @@
-"""icl: semi-supervised medical image segmentation with Inherent Consistent Learning."""
-import os as _os
+"""icl: semi-supervised medical image segmentation with Inherent Consistent Learning.
 
-# OpenMP threads that spin while waiting for work collapse when the cores are shared
-# (measured: 2 threads on 2 busy cores ran a training step several times slower than 1;
-# README "Threads"). Passive waiting avoids that cliff. It only takes effect when icl
-# is imported before torch (the `icl` command always is); set OMP_WAIT_POLICY=ACTIVE
-# to opt out.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-from .losses import LossWeights, consistency_rampup, icl_losses
-from .models import ICLHead, ICLNet, ICLOutputs, UNet2D, UNet3D, attach, build_backbone, build_model
+The names below load on first use, so ``import icl`` is cheap and changes nothing
+in the process (the ``icl`` command sets its thread environment itself, before
+torch loads: icl.cli.main). Data, training, evaluation and inference live in
+``icl.data``, ``icl.train`` (``from icl.train import train, TrainConfig``),
+``icl.inference`` and ``icl.cli``.
+"""
+import importlib as _importlib
 
-__all__ = [
-    "ICLHead",
-    "ICLNet",
-    "ICLOutputs",
-    "LossWeights",
-    "UNet2D",
-    "UNet3D",
-    "attach",
-    "build_backbone",
-    "build_model",
-    "consistency_rampup",
-    "icl_losses",
-]
+_EXPORTS = {
+    "LossWeights": "losses", "consistency_rampup": "losses", "icl_losses": "losses",
+    "ICLHead": "models", "ICLNet": "models", "ICLOutputs": "models", "UNet2D": "models", "UNet3D": "models",
+    "attach": "models", "build_backbone": "models", "build_model": "models",
+    "predict": "inference",
+}
 
-# Data, training, evaluation and inference (icl/data, icl/train.py, icl/inference.py, icl/cli.py).
-# ``icl.train`` is the trainer module: ``from icl.train import train, TrainConfig``.
-from .inference import predict  # noqa: E402
+__all__ = sorted(_EXPORTS)
 
-__all__ += ["predict"]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(_importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

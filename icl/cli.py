@@ -410,7 +410,7 @@ def cmd_synthetic(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo.brain import MissingDemoDependency
+    from .demo.template import MissingDemoDependency
     from .demo.run import run_demo
 
     try:
@@ -439,9 +439,20 @@ def _one_line_warnings(prog: str):
     return show
 
 
+#: The command line's thread environment, set before torch loads (OpenMP reads it once): waiting
+#: OpenMP threads sleep instead of spinning. Spinning threads collapse on shared cores (measured: 2
+#: threads on 2 busy cores ran a training step several times slower than 1; docs/training.md,
+#: "Threads on shared machines"). Set OMP_WAIT_POLICY=ACTIVE to opt out. Library users' processes
+#: are left alone: importing icl sets nothing.
+CLI_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import traceback
     import warnings
+
+    for key, value in CLI_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
 
     from .errors import UsageError, one_line
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import ConfigError
 
-__all__ = ["GROUPS", "OptionSpec", "TrainConfig", "add_train_arguments", "option", "option_choices"]
+__all__ = ["GROUPS", "OptionSpec", "TrainConfig", "add_train_arguments", "option", "parse_loss_weights"]
 
 #: the ``icl train --help`` groups, in order
 GROUPS = ("data", "model and method", "optimisation", "output")
@@ -277,21 +277,6 @@ class TrainConfig:
         return {"arch": self.arch, "backbone_options": self.model_options, "in_channels": self.in_channels,
                 "num_classes": self.num_classes, "patch_size": list(self.patch_size), "mixer": self.mixer,
                 "global_queries": self.global_queries, "faithful": bool(self.faithful), "method": self.method}
-
-
-def flag_of(name: str) -> str:
-    """The command-line flag of option ``name`` (its own name for config-only options)."""
-    for n, spec in TrainConfig.options():
-        if n == name and spec.flag:
-            return spec.flag
-    return "--" + name.replace("_", "-")
-
-
-def option_choices(name: str) -> Optional[Tuple[str, ...]]:
-    for n, spec in TrainConfig.options():
-        if n == name:
-            return tuple(spec.choices()) if spec.choices else None
-    raise KeyError(name)
 
 
 def _element_type(t):

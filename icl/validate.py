@@ -24,9 +24,7 @@ from typing import Any, Dict, Optional, Sequence
 from .errors import ConfigError
 
 def _flag(name: str) -> str:
-    from .config import flag_of
-
-    return flag_of(name)
+    return "--" + name.replace("_", "-")
 
 
 def _describe(t) -> str:
@@ -156,10 +154,8 @@ def _or(names) -> str:
 
 
 def check_choices(cfg) -> None:
-    """Every option with choices (from its registry) holds one of them."""
-    from .config import TrainConfig
-
-    for name, spec in TrainConfig.options():
+    """Every option with choices (from its registry) holds one of them (cfg: an icl.config.TrainConfig)."""
+    for name, spec in type(cfg).options():
         if spec.choices is None:
             continue
         value = getattr(cfg, name)
@@ -167,7 +163,8 @@ def check_choices(cfg) -> None:
             continue
         choices = tuple(spec.choices())
         if value not in choices:
-            raise ConfigError(f"{_flag(name)} {value!r}: {spec.choice_error}expected one of {', '.join(choices)}")
+            raise ConfigError(f"{spec.flag or _flag(name)} {value!r}: {spec.choice_error}expected one of "
+                              f"{', '.join(choices)}")
 
 
 def check_config(cfg) -> None:

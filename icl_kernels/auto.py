@@ -5,7 +5,7 @@ reproducible and the backward always meets its forward's choice).
 
 CPU (measured with ``python -m benches.proxy_attention --crossover``, three
 runs of 49 shapes on 2 cores, benches/results/cpu/proxy_attention_crossover.csv;
-README "auto on CPU"):
+benches/results/cpu/summary.md, "auto on CPU"):
 
 1. ``ProxyAttention`` (the module) runs its *unfused* formulation (project the
    N tokens to keys and values with BLAS, as the published module does) when

@@ -18,7 +18,7 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -37,13 +37,15 @@ class Backend:
     """A set of kernels.
 
     name: what users pass as ``backend=``.
-    module: import path of the module holding ``<op>_forward`` / ``<op>_backward``.
+    module: import path of the module holding ``<op>_forward`` / ``<op>_backward``
+        (imported when first needed), or an object holding them (a module, a
+        namespace: kernels registered from a script).
     device_types: device types it runs on (None: any device).
     check: optional extra rule, ``check(op, device) -> reason or None``.
     """
 
     name: str
-    module: str
+    module: Union[str, object]
     device_types: Optional[Tuple[str, ...]] = None
     check: Optional[Callable[[str, torch.device], Optional[str]]] = None
     _module_cache: Dict[str, object] = field(default_factory=dict, repr=False)
@@ -72,6 +74,8 @@ class Backend:
         return None
 
     def _load(self):
+        if not isinstance(self.module, str):
+            return self.module
         if "mod" not in self._module_cache:
             self._module_cache["mod"] = importlib.import_module(self.module)
         return self._module_cache["mod"]

@@ -3,7 +3,7 @@
 ``ProxyAttention`` computes what the published ICL ``Query_Attention`` computes
 (same parameters, same outputs) but never projects the N tokens: the key
 projection is folded into the K queries and the value projection is applied
-after the attention (exact algebra, see README "The math"), and the remaining
+after the attention (exact algebra, see docs/kernels.md, "The math of the fused attention"), and the remaining
 N-sized work is one fused kernel.
 """
 from __future__ import annotations

@@ -116,7 +116,7 @@ def test_attach_errors_are_clear():
 
 @needs_monai
 def test_attach_basicunet_readme_example_trains():
-    """The README's worked example: ICL on MONAI's BasicUNet, three decoder stages, one SGD step."""
+    """The worked example of docs/backbones.md: ICL on MONAI's BasicUNet, three decoder stages, one SGD step."""
     torch.manual_seed(0)
     backbone = BasicUNet(spatial_dims=2, in_channels=1, out_channels=4, features=(16, 32, 64, 128, 256, 32))
     net = icl.attach(backbone, num_classes=4, feature_modules=["upcat_4", "upcat_3", "upcat_2"], patch_size=(64, 64))

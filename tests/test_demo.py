@@ -59,12 +59,12 @@ def test_demo_population_is_reused_and_splits_are_disjoint(demo_out):
 
 def test_demo_missing_dependency_is_one_line(monkeypatch, tmp_path, capsys):
     from icl import cli
-    from icl.demo import brain
+    from icl.demo import template
 
     def missing():
-        raise brain.MissingDemoDependency("the demo needs nilearn and nibabel; install them with: pip install nilearn nibabel")
+        raise template.MissingDemoDependency("the demo needs nilearn and nibabel; install them with: pip install nilearn nibabel")
 
-    monkeypatch.setattr(brain, "template_dir", missing)
+    monkeypatch.setattr(template, "template_dir", missing)
     code = cli.main(["demo", "--out", str(tmp_path / "d"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -49,8 +49,23 @@ def test_readme_and_docs_show_python_examples():
     assert len(DOCS_WITH_PYTHON) > 1, "docs/*.md should show Python examples"
 
 
+@pytest.fixture
+def registries():
+    """The examples may register methods, backbones and backends (docs/extending.md does):
+    they are taken back after each page, so other tests see the library's own."""
+    from icl.methods import METHODS
+    from icl.models.registry import BACKBONES
+    from icl_kernels import backends
+
+    saved = [(reg, dict(reg)) for reg in (METHODS, BACKBONES, backends._REGISTRY)]
+    yield
+    for reg, copy in saved:
+        reg.clear()
+        reg.update(copy)
+
+
 @pytest.mark.parametrize("rel", DOCS_WITH_PYTHON)
-def test_python_examples_run(rel):
+def test_python_examples_run(rel, registries):
     blocks = python_blocks(rel)
     try:
         import monai  # noqa: F401  (the "Other backbones" example; an optional extra)

@@ -4,7 +4,7 @@ Triton's bundled ptxas compiles for H100/H200 on any machine, so a dot the
 installed Triton rejects (Triton 3.6 wants out_dtype on float64 accumulating
 dots), shared memory beyond 227 KB, or register spills show up here rather than
 on first contact with a GPU.  The variants are listed by
-icl_kernels.triton.compile_report; the first tests check that the list covers
+tools.triton_compile_report; the first tests check that the list covers
 what the dispatchers can pick, the last one compiles the list.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from icl_kernels.triton import compile_report as cr  # noqa: E402
+from tools import triton_compile_report as cr  # noqa: E402
 from icl_kernels.triton import prototype_update as tpu  # noqa: E402
 from icl_kernels.triton import proxy_attention as tpa  # noqa: E402
 
@@ -56,7 +56,7 @@ def test_variants_cover_every_proxy_attention_config_and_flag():
 
 
 # Launch configurations that spilled registers for sm_90 with a Triton version CI
-# does not run (Triton 3.6; compile_report, ptxas spill stores), keyed by kernel,
+# does not run (Triton 3.6; tools/triton_compile_report.py, ptxas spill stores), keyed by kernel,
 # dtype, (block_m, block_n, block_c, num_warps, num_stages), rows in one chunk
 # (always True for the forward) and channels in one chunk.  CI's Triton compiles
 # them without spills, so only this keeps the table from picking them again.
@@ -134,7 +134,7 @@ def test_every_variant_compiles_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     jobs = str(max(1, min(8, os.cpu_count() or 1)))
-    proc = subprocess.run([sys.executable, "-m", "icl_kernels.triton.compile_report", "--ci", "--jobs", jobs],
+    proc = subprocess.run([sys.executable, "-m", "tools.triton_compile_report", "--ci", "--jobs", jobs],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("pa_", "pu_"))]
     bad = [ln for ln in lines if "FAILED" in ln or "does not fit" in ln]

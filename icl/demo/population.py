@@ -2,7 +2,7 @@
 offline from the MNI ICBM152 2009a template in the `nilearn` wheel.
 
 One template gives one anatomy and one contrast, so unlabeled slices of it add
-almost nothing a labeled slice does not already show (README "The benchmark").
+almost nothing a labeled slice does not already show (docs/methods.md, "The label-efficiency benchmark").
 Here every subject is the template under its own random smooth deformation
 and its own imaging, following the generative model of SynthSeg (Billot et
 al., Medical Image Analysis 2023), used to make *subjects*, not to train on:
@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .brain import cached_meta, load_template
+from .template import cached_meta, load_template
 
 BUILD_VERSION = 1
 CLASS_NAMES = ["background", "grey matter", "white matter"]

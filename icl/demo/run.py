@@ -25,7 +25,7 @@ from . import population
 CLASSES = {1: "GM", 2: "WM"}
 
 # What `--method icl` means in the demo: the library's default ICL configuration
-# (README "The benchmark" gives the measurements behind it).
+# (docs/methods.md, "The label-efficiency benchmark", gives the measurements behind it).
 ICL_DEFAULTS: Dict = {}
 PEERS = ("mean-teacher", "fixmatch", "unimatch")
 DEFAULT_PEER = "fixmatch"
@@ -453,7 +453,7 @@ def _report(out: str, m: Dict, figures: Dict[str, str]) -> str:
                   + ", ".join(f"{NAMES[k]} {v:+.2f} points" for k, v in d.items()) + ".", ""]
         if st["seeds"] == 1:
             lines += ["One seed: differences of a few points are within the seed-to-seed spread measured by "
-                      "`python -m benches.ssl` (README, \"The benchmark\").", ""]
+                      "`python -m benches.ssl` (docs/methods.md, \"The label-efficiency benchmark\").", ""]
     lines += ["## Runs", "", "| method | seed | wall time (s) | iterations | it/s | best val Dice (iteration) |",
               "|---|---|---|---|---|---|"]
     for r in m["runs"]:

@@ -6,11 +6,14 @@ heads attach. ``build_backbone``, ``build_model``, ``icl.attach`` users, the
 training options (``--model`` choices, ``--patch-size`` checks) and checkpoints
 all read it, so adding a backbone is its own file plus one ``register_backbone``
 line below (docs/extending.md shows one).
+
+Registration order is the order of ``--model``'s choices.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -26,7 +29,8 @@ class BackboneSpec:
     """A backbone as ``icl`` sees it.
 
     name: the architecture name checkpoints record (``build_backbone(name, ...)``).
-    build: ``build(in_channels, num_classes, spatial_dims, **options) -> nn.Module``.
+    build: ``build(in_channels, num_classes, spatial_dims, **options) -> nn.Module``, or its
+        ``"module:function"`` path (imported when first built, so registering costs nothing).
     spatial_dims: the dimensions it comes in (2, 3 or both).
     patch_multiple: every patch size must be a positive multiple of it (its total downsampling).
     strides: downsampling of each map the ICL heads read, coarse to fine.
@@ -43,7 +47,7 @@ class BackboneSpec:
     """
 
     name: str
-    build: Callable[..., nn.Module]
+    build: Union[Callable[..., nn.Module], str]
     spatial_dims: Tuple[int, ...]
     patch_multiple: int
     strides: Tuple[int, ...]
@@ -53,6 +57,12 @@ class BackboneSpec:
     takes_options: bool = True
     one_voxel_bottleneck: bool = True
     title: str = ""
+
+    def builder(self) -> Callable[..., nn.Module]:
+        if callable(self.build):
+            return self.build
+        module, _, attr = self.build.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
     @property
     def model_name(self) -> str:
@@ -141,7 +151,7 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, patch_size: Op
         problem = spec.patch_problem(patch_size)
         if problem:
             raise ValueError(f"build_backbone: patch_size {tuple(int(p) for p in patch_size)}: {problem}")
-    return spec.build(int(in_channels), int(num_classes), int(dims), **opts)
+    return spec.builder()(int(in_channels), int(num_classes), int(dims), **opts)
 
 
 def _unet(cls):
@@ -158,6 +168,6 @@ register_backbone(BackboneSpec(
     layout=lambda options: ((256, 128, 64), (16, 8, 4)), model="unet", takes_options=False,
     one_voxel_bottleneck=False, title="UNet3D"))
 register_backbone(BackboneSpec(
-    "swinunetr", _swinunetr.build_swinunetr, spatial_dims=(2, 3), patch_multiple=32,
+    "swinunetr", "icl.models.swinunetr:build_swinunetr", spatial_dims=(2, 3), patch_multiple=32,
     strides=_swinunetr.SWINUNETR_STRIDES, layout=_swinunetr.swinunetr_layout,
     feature_modules=_swinunetr.SWINUNETR_FEATURES, one_voxel_bottleneck=False, title="MONAI SwinUNETR"))

@@ -281,7 +281,7 @@ class Blocks:
 # - software pipelining (num_stages >= 2) made ptxas spill the float64 and
 #   float32 kernels for little gain in these memory-bound loops: one stage,
 #   except the half-precision tensor-core forward.
-# compile_report (and tests/test_triton_compile.py in CI) compiles every
+# tools/triton_compile_report.py (and tests/test_triton_compile.py in CI) compiles every
 # configuration these functions can return and checks spills and shared memory.
 _TILE_WORDS_PER_THREAD = 48
 _FMA_ACC_PER_THREAD = 16

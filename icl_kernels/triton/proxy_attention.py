@@ -494,7 +494,7 @@ _GPU_MAX_PARTIAL_ELEMS = 1 << 24
 def _gpu_config(M: int, C: int, dtype: torch.dtype, backward: bool) -> KernelConfig:
     """A small hand-made table, no autotuning.  Chosen from sm_90 compiles of
     the kernels (no GPU timing yet): among the candidates, the largest tiles
-    that compile without register spills (ptxas reports, see compile_report;
+    that compile without register spills (ptxas reports, see tools/triton_compile_report.py;
     tests/test_triton_compile.py checks every entry), with both Triton 3.6
     and 3.8, whose ptxas spill in different places.  One pipeline stage
     where two made ptxas spill; 32-token tiles in the backward, where 64

@@ -14,7 +14,7 @@ resources from the compiler: registers and stack frame from the cubin
 (``cuobjdump``), spilled bytes from ``ptxas -v`` where there is a stack frame,
 shared memory from the kernel metadata plus the static shared memory.
 
-Run ``python -m icl_kernels.triton.compile_report [--arch 90] [--jobs N]`` for
+Run ``python -m tools.triton_compile_report [--arch 90] [--jobs N]`` for
 the table; it exits non-zero if a variant fails to compile or does not fit.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Report:
 
 
 def proxy_attention_variants() -> List[Variant]:
-    from . import proxy_attention as tpa
+    from icl_kernels.triton import proxy_attention as tpa
 
     mod = tpa.__name__
     acc_ptrs = ("pmax_ptr", "psum_ptr", "pz_ptr", "lse_ptr", "D_ptr", "pdA_ptr", "pdc_ptr", "scr_ptr")
@@ -136,7 +136,7 @@ def proxy_attention_variants() -> List[Variant]:
 
 
 def prototype_update_variants() -> List[Variant]:
-    from . import prototype_update as tpu
+    from icl_kernels.triton import prototype_update as tpu
 
     mod = tpu.__name__
     out: List[Variant] = []
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ci", action="store_true", help="only the covering subset CI compiles (see ci_variants)")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        print("compile_report: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
+        print("triton_compile_report: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
         return 2
     chosen = ci_variants() if a.ci else variants()
     if a.list:
