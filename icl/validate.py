@@ -120,8 +120,9 @@ def resolve_device(value: Optional[str], flag: str = "--device"):
     return dev
 
 
-def check_backend(backend: Optional[str], device) -> None:
-    """A kernel backend named explicitly must be able to run on ``device``."""
+def check_backend(backend: Optional[str], device, amp: str = "none") -> None:
+    """A kernel backend named explicitly must be able to run on ``device``, also on the tokens
+    ``--amp`` makes (autocast hands the attention bfloat16/float16 tokens)."""
     if backend in (None, "auto"):
         return
     import icl_kernels
@@ -131,6 +132,19 @@ def check_backend(backend: Optional[str], device) -> None:
         raise ConfigError(f"--backend {backend!r}: expected auto or one of {', '.join(sorted(reasons))}")
     if reasons[backend] is not None:
         raise ConfigError(f"--backend {backend} cannot run on {device}: {reasons[backend]}; use --backend auto")
+    from .inference import AMP_DTYPES
+
+    dtype = AMP_DTYPES.get(amp)
+    if dtype is not None:
+        reason = icl_kernels.available_backends("proxy_attention", device, dtype)[backend]
+        if reason is not None:
+            raise ConfigError(f"--backend {backend} cannot run with --amp {amp}: {reason}; use --backend auto "
+                              f"(it picks a backend that can) or --amp none")
+
+
+#: the seeds every random generator of a run accepts (torch takes up to 2**64 - 1, NumPy's
+#: generators any non-negative integer; a resume reseeds with seed + iteration)
+SEED_RANGE = (0, 2 ** 63 - 1)
 
 
 # ------------------------------------------------------------------ options
@@ -268,9 +282,18 @@ def check_options(cfg) -> None:
         need(cfg.in_channels >= 1, f"--in-channels must be positive, got {cfg.in_channels}")
     if cfg.resume not in (None, False, "", "none") and getattr(cfg, "overwrite", False):
         raise ConfigError("--resume and --overwrite contradict each other: continue the run or replace it")
+    lo, hi = SEED_RANGE
+    need(lo <= cfg.seed <= hi, f"--seed must be in {lo}..2**63-1 (a non-negative 64-bit integer), got {cfg.seed}")
     device = resolve_device(cfg.device)
-    check_backend(cfg.backend, device)
+    if cfg.method in _METHODS_WITH_KERNELS:
+        check_backend(cfg.backend, device, cfg.amp)
+    else:
+        check_backend(cfg.backend, device)
     check_compile(getattr(cfg, "compile", "none"), device)
+
+
+#: the methods whose networks run icl_kernels ops (the ICL heads)
+_METHODS_WITH_KERNELS = ("icl",)
 
 
 def check_compile(mode: str, device) -> None:

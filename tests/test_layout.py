@@ -164,3 +164,17 @@ def test_a_registered_method_appears_in_the_help(monkeypatch):
     assert "mine" in next(a for a in train._actions if a.dest == "method").choices
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--method", "theirs"])
+
+
+def test_docs_option_table_names_every_flag():
+    """docs/training.md's table of options is written by hand: it must keep up with the schema."""
+    from icl.config import TrainConfig
+
+    with open(os.path.join(ROOT, "docs", "training.md")) as fh:
+        text = fh.read()
+    for name, spec in TrainConfig.options():
+        if spec.flag is None:
+            assert f"`{name}`" in text, f"config-only option {name} is not mentioned in docs/training.md"
+        else:
+            flag = spec.flag or "--" + name.replace("_", "-")
+            assert f"`{flag}`" in text, f"{flag} is not in docs/training.md's table of options"

@@ -40,6 +40,9 @@ NO_GPU = not torch.cuda.is_available()
     (["--device", "tpu"], ["--device 'tpu'"]),
     (["--device", "cuda:99"] if not NO_GPU else ["--device", "cuda"], ["--device cuda"]),
     (["--resume", "--overwrite"], ["--resume", "--overwrite"]),
+    (["--seed", "-3"], ["--seed", "non-negative", "-3"]),
+    (["--seed", str(2 ** 64 + 5)], ["--seed", "non-negative", str(2 ** 64 + 5)]),
+    (["--amp", "bf16", "--backend", "cpu"], ["--backend cpu", "--amp bf16", "bfloat16"]),
 ])
 def test_bad_training_options_refused_before_training(acdc, tmp_path, capsys, extra, needles):
     out = tmp_path / "run"
@@ -56,6 +59,14 @@ def test_labeled_fraction_one_with_icl(acdc, tmp_path, capsys):
     one_line_error(code, err, "--labeled-fraction 1.0", "--method icl", "unlabeled")
     # the supervised baseline may label everything
     code, err = run(argv + ["--labeled-fraction", "1.0", "--method", "supervised"], capsys)
+    assert code == 0, err
+
+
+def test_edge_seed_and_amp_with_a_backend_that_takes_it_train(acdc, tmp_path, capsys):
+    """The refusals above are exact: the largest accepted seed trains, and --amp bf16 with a
+    backend whose kernels take bfloat16 tokens (torch) trains."""
+    code, err = run(_train(acdc, tmp_path / "run", "--seed", str(2 ** 63 - 1), "--amp", "bf16", "--backend", "torch"),
+                    capsys)
     assert code == 0, err
 
 

@@ -1,6 +1,6 @@
 """Training methods under one trainer: each module owns what one training step of
 its method needs (extra networks such as an EMA teacher, the views it makes of
-the unlabeled batch, its loss). The trainer loop (icl/train.py) is the same for
+the unlabeled batch, its loss). The trainer loop (icl/training/trainer.py) is the same for
 all of them; adding a method is one file here plus one line in ``METHODS``.
 """
 from __future__ import annotations

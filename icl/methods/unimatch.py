@@ -53,7 +53,7 @@ class UniMatch(Method):
         super().check_config(cfg)
         if cfg.arch != "unet2d":
             raise ValueError(f"--method unimatch needs a backbone with an encoder/decoder split (the 2D UNet), "
-                             f"got --arch {cfg.arch}")
+                             f"got --model {cfg.model} ({cfg.arch})")
 
     def forward(self, net, x_lab, x_unlab, y_lab, iteration):
         L, U = x_lab.shape[0], x_unlab.shape[0]
