@@ -280,7 +280,12 @@ def _collect_inputs(inputs: Sequence[str]):
             files.append(inp)
         else:
             raise ConfigError(f"INPUT {inp}: no such file or folder")
-    return files
+    unique, seen = [], set()
+    for f in files:  # one input named twice (a folder and a file in it) is predicted once
+        if os.path.realpath(f) not in seen:
+            seen.add(os.path.realpath(f))
+            unique.append(f)
+    return unique
 
 
 def _nifti_groups(files: Sequence[str], in_channels: int):
@@ -314,6 +319,22 @@ def _nifti_groups(files: Sequence[str], in_channels: int):
     return cases
 
 
+def _check_output_names(out: str, h5s: Sequence[str], niis) -> None:
+    """Each prediction is named after its input: two inputs with one name (a/case.h5 and
+    b/case.h5; a NIfTI case and a channel file of the same name) would overwrite each other."""
+    from .errors import ConfigError
+
+    owner: Dict[str, str] = {}
+    targets = [(os.path.basename(f), f) for f in h5s]
+    targets += [(name + (".nii.gz" if paths[0].endswith(".nii.gz") else ".nii"), paths[0]) for name, paths in niis]
+    for target, source in targets:
+        if target in owner:
+            raise ConfigError(f"INPUT {owner[target]} and {source}: both predictions would be written to "
+                              f"{os.path.join(out, target)}; predict them into different --out folders, or "
+                              f"rename one")
+        owner[target] = source
+
+
 def cmd_predict(args) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -345,6 +366,7 @@ def cmd_predict(args) -> int:
     slice_axis = args.slice_axis if args.slice_axis is not None else prep.get("slice_axis", 0)
     h5s = [f for f in files if f.endswith(".h5")]
     niis = _nifti_groups([f for f in files if not f.endswith(".h5")], in_ch)
+    _check_output_names(args.out, h5s, niis)
     K = int(mc["num_classes"])
     dtype = np.uint8 if K <= 255 else np.int16
     written = []

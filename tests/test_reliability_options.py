@@ -127,6 +127,36 @@ def test_out_places_that_cannot_be_written(acdc, tmp_path, capsys):
     one_line_error(code, err, "would replace")
 
 
+def test_predict_refuses_inputs_whose_outputs_collide(acdc, tmp_path, capsys):
+    """Issue 23, outputs: predictions take their input's name, so two inputs of one name would
+    leave one prediction; refused before anything is predicted, naming both inputs."""
+    import numpy as np
+
+    ck = make_checkpoint(tmp_path / "w.pt")
+    good = os.path.join(acdc, "data", "patient001_frame01.h5")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(good, tmp_path / d / "case.h5")
+    out = tmp_path / "pred"
+    code, err = run(["predict", "--checkpoint", ck, str(tmp_path / "a"), str(tmp_path / "b" / "case.h5"),
+                     "--out", str(out), "--no-progress"], capsys)
+    one_line_error(code, err, str(tmp_path / "a" / "case.h5"), str(tmp_path / "b" / "case.h5"), "case.h5")
+    assert not out.exists() or not any(out.iterdir())
+    # the same file named twice (its folder and itself) is one input, predicted once
+    code, err = run(["predict", "--checkpoint", ck, str(tmp_path / "a"), str(tmp_path / "a" / "case.h5"),
+                     "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["case.h5"]
+    nib = pytest.importorskip("nibabel")
+    vol = np.zeros((8, 32, 32), np.float32)
+    (tmp_path / "n").mkdir()
+    for name in ("z_0000.nii.gz", "z.nii.gz"):  # one channel: z_0000 is case z, as is z
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "n" / name))
+    code, err = run(["predict", "--checkpoint", ck, str(tmp_path / "n"), "--out", str(tmp_path / "p2"),
+                     "--no-progress"], capsys)
+    one_line_error(code, err, "z_0000.nii.gz", "z.nii.gz", "both predictions")
+
+
 def test_corrupt_h5_for_predict(acdc, tmp_path, capsys):
     ck = make_checkpoint(tmp_path / "w.pt")
     good = os.path.join(acdc, "data", "patient001_frame01.h5")
