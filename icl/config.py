@@ -224,6 +224,8 @@ class TrainConfig:
                                                 nargs="?", const="auto", metavar="CKPT")
     overwrite: bool = option(False, R, "replace the run already in OUT (its checkpoints, logs and results are "
                                        "deleted)")
+    allow_resume_changes: bool = option(False, R, "with --resume: continue although training settings differ "
+                                                  "from the checkpoint's (each change is warned)")
     overlap: float = option(0.5, R, "3D sliding-window overlap")
     eval_batch_size: int = option(8, R, flag=None)
     num_overlays: int = option(3, R, flag=None)

@@ -127,6 +127,25 @@ def test_out_places_that_cannot_be_written(acdc, tmp_path, capsys):
     one_line_error(code, err, "would replace")
 
 
+def test_resume_with_changed_training_settings(acdc, tmp_path, capsys):
+    """Issue 23, faults: a resume that would train differently (here the learning rate) is refused,
+    naming the setting, old and new; --allow-resume-changes continues with a warning; what only
+    changes how the run executes (--val-every, --num-workers) passes."""
+    out = tmp_path / "run"
+    code, err = run(_train(acdc, out), capsys)
+    assert code == 0, err
+    more = ["--max-iterations", "3", "--resume"]
+    code, err = run(_train(acdc, out, "--base-lr", "0.5", *more), capsys)
+    one_line_error(code, err, "--resume", "base_lr: 0.01 -> 0.5", "--allow-resume-changes")
+    code, err = run(_train(acdc, out, "--val-every", "1", "--num-workers", "1", "--max-iterations", "3",
+                           "--resume"), capsys)
+    assert code == 0, err
+    assert "max_iterations" in err and "base_lr" not in err  # only the longer schedule is warned
+    code, err = run(_train(acdc, out, "--base-lr", "0.5", "--max-iterations", "4", "--resume",
+                           "--allow-resume-changes"), capsys)
+    assert code == 0 and "base_lr was 0.01" in err, err
+
+
 def test_predict_refuses_inputs_whose_outputs_collide(acdc, tmp_path, capsys):
     """Issue 23, outputs: predictions take their input's name, so two inputs of one name would
     leave one prediction; refused before anything is predicted, naming both inputs."""

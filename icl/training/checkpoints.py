@@ -14,7 +14,8 @@ from .events import Handler
 from .logs import write_metrics
 from .runtime import seed_everything
 
-__all__ = ["LastCheckpoint", "TrainingInterrupted", "checkpoint_dict", "restore", "resume_path", "save_last"]
+__all__ = ["LastCheckpoint", "TrainingInterrupted", "check_changes", "checkpoint_dict", "restore", "resume_path",
+           "save_last"]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -86,6 +87,29 @@ def resume_path(cfg, ckpt_dir: str) -> Optional[str]:
     return str(r)
 
 
+#: Settings a resume may change freely: where and how the run executes and reports, not what
+#: it trains. max_iterations may change too (to train longer), with a warning: the poly learning
+#: rate follows it. Every other setting shapes the training trajectory.
+OPERATIONAL = frozenset({"out", "resume", "overwrite", "allow_resume_changes", "progress", "val_every",
+                         "save_every", "test", "overlap", "eval_batch_size", "num_overlays", "cache_dir",
+                         "num_workers", "device", "root", "compile", "backend", "deterministic"})
+WARNED = frozenset({"max_iterations"})
+
+
+def check_changes(cfg, old: Dict, path: str) -> None:
+    """Compare the run's settings with the checkpoint's: a changed training setting is refused
+    (naming each, old and new) unless ``--allow-resume-changes``, which continues with a warning."""
+    now = json_ready(cfg.to_dict())
+    changed = [(k, old[k], now[k]) for k in now if k in old and old[k] != now[k] and k not in OPERATIONAL]
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
+    hard = [k for k, _, _ in changed if k not in WARNED]
+    if hard and not cfg.allow_resume_changes:
+        raise ConfigError(f"--resume: {path} was trained with other settings ({listed}); resume with the "
+                          f"checkpoint's, or pass --allow-resume-changes to continue with these")
+    for k, a, b in changed:
+        warnings.warn(f"--resume: {k} was {a!r} in {path}, now {b!r}")
+
+
 def restore(trainer, c: Dict) -> None:
     """Model (with prototype memories), method state, optimiser, grad scaler, progress and this
     rank's RNG states from a training checkpoint."""
@@ -94,10 +118,7 @@ def restore(trainer, c: Dict) -> None:
         raise ckpt_mod.CheckpointError(f"{path}: holds weights only (kind {c.get('kind')!r}); --resume needs "
                                        f"a training checkpoint such as checkpoints/last.pt")
     ckpt_mod.check_compatible(c, cfg.model_config())
-    old = c.get("config", {})
-    for k in ("max_iterations", "batch_size", "labeled_bs", "seed", "labeled_num", "labeled_fraction", "dataset"):
-        if k in old and old[k] != getattr(cfg, k):
-            warnings.warn(f"--resume: {k} was {old[k]!r} in {path}, now {getattr(cfg, k)!r}")
+    check_changes(cfg, c.get("config") or {}, path)
     ckpt_mod.load_state(trainer.net, c["model"], what=path)
     try:
         trainer.method.load_state_dict(c.get("method_state") or {})
