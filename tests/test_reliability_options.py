@@ -146,6 +146,35 @@ def test_resume_with_changed_training_settings(acdc, tmp_path, capsys):
     assert code == 0 and "base_lr was 0.01" in err, err
 
 
+@pytest.mark.parametrize("layout,dataset,list_name,entry", [
+    ("acdc", "acdc", "train_slices.list", "../../../outside/slices/x"),
+    ("acdc", "acdc", "test.list", "/elsewhere/patient001_frame01"),
+    ("la", "la", "train.list", "../../outside/case"),
+    ("brats", "brats2019", "val.txt", "/elsewhere/BraTS19_x"),
+])
+def test_list_entries_stay_inside_the_data_root(tmp_path, capsys, layout, dataset, list_name, entry):
+    """Issue 23, containment: a list entry that resolves outside --root (after '..', or an absolute
+    path) is refused, naming the list file and the entry, before anything is read."""
+    root = make_synthetic(str(tmp_path / layout), layout, num_train=4, seed=0)["root"]
+    path = os.path.join(root, list_name)
+    with open(path, "a") as fh:
+        fh.write(entry + "\n")
+    argv = ["train", "--dataset", dataset, "--root", root, "--out", str(tmp_path / "run"), "--num-classes", "4",
+            "--labeled-fraction", "0.5", "--patch-size", *(["32", "32"] if layout == "acdc" else ["32"] * 3),
+            "--batch-size", "2", "--labeled-bs", "1", "--max-iterations", "1", "--no-progress", "--num-workers", "0"]
+    code, err = run(argv, capsys)
+    one_line_error(code, err, list_name, repr(entry), "outside")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_list_entries_in_subfolders_of_the_root_are_cases():
+    from icl.data.io import _leaves_its_folder
+
+    assert not _leaves_its_folder("patient001") and not _leaves_its_folder("group/a") \
+        and not _leaves_its_folder("a/../b")
+    assert _leaves_its_folder("../x") and _leaves_its_folder("a/../../x") and _leaves_its_folder("/x")
+
+
 def test_predict_refuses_inputs_whose_outputs_collide(acdc, tmp_path, capsys):
     """Issue 23, outputs: predictions take their input's name, so two inputs of one name would
     leave one prediction; refused before anything is predicted, naming both inputs."""

@@ -49,16 +49,28 @@ def read_list(path: str) -> List[str]:
         raise DataError(f"{path}: not a text file (expected one case name per line)") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read list file ({exc.strerror or exc})") from None
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         name = line.strip().split(",")[0].strip()
         for ext in (".nii.gz", ".nii", ".h5"):  # lists that name files (e.g. AMOS) -> case names
             if name.endswith(ext):
                 name = name[: -len(ext)]
+        if name and _leaves_its_folder(name):
+            raise DataError(f"{path}: line {number} names {name!r}, which points outside the data set; an entry "
+                            f"names a case inside --root (no absolute paths, no '..' out of its folder)")
         if name:
             names.append(name)
     if not names:
         raise DataError(f"{path}: list file is empty")
     return names
+
+
+def _leaves_its_folder(name: str) -> bool:
+    """An absolute path, or a relative one that climbs out of the folder it is joined to (a
+    symbolic link inside the data set is the user's own and is followed as usual)."""
+    if os.path.isabs(name):
+        return True
+    norm = os.path.normpath(name)
+    return norm == ".." or norm.startswith(".." + os.sep)
 
 
 def check_finite(image: np.ndarray, path: str, where: str = "") -> np.ndarray:
