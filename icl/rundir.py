@@ -24,6 +24,8 @@ RUN_DIRS = ("checkpoints", "tensorboard", "test", "plots", "overlays")
 # files that show a run was started here
 _EVIDENCE = (os.path.join("checkpoints", "last.pt"), os.path.join("checkpoints", "best.pt"), "metrics.json",
              "log.csv")
+# the lock a running icl train holds on its run folder (see RunLock)
+LOCK_FILE = ".icl-run.lock"
 # save_atomic's temporaries: .<name>.tmp<pid>
 _TMP = re.compile(r"^\.(.+)\.tmp(\d+)$")
 
@@ -63,6 +65,54 @@ def ensure_file_parent(path: str, flag: str = "--out") -> str:
 def previous_run(out: str) -> List[str]:
     """Files of a run already in ``out`` (relative paths; empty when there is none)."""
     return [p for p in _EVIDENCE if os.path.isfile(os.path.join(out, p))]
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a run, so two runs cannot write one
+    folder at once: ``fcntl.flock`` on ``OUT/.icl-run.lock``, which records the holder's PID.
+    The system drops the lock when its holder exits, however it ends, so a killed run blocks
+    no one (its file stays, unlocked, and the next run takes it); a run that ends normally
+    removes the file, so a refused run leaves the folder as it found it."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, LOCK_FILE)
+        self._fh = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                fh.close()
+                raise ConfigError(f"--out {os.path.dirname(self.path)}: another icl train (PID {holder}) is "
+                                  f"running into this folder; wait for it, stop it, or choose another --out") from None
+            try:  # the holder we waited on may have removed the file: lock the one the path names now
+                same = os.path.samestat(os.fstat(fh.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            try:
+                os.unlink(self.path)  # while still held, so no one locks the file being removed
+            except FileNotFoundError:
+                pass
+            self._fh.close()
+            self._fh = None
 
 
 def check_run_dir(out: str, resume, overwrite: bool) -> None:

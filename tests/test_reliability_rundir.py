@@ -91,3 +91,32 @@ def test_refused_run_files_untouched_on_bad_out(acdc, tmp_path, capsys):
     code, err = run(TRAIN + ["--root", acdc, "--out", str(f / "sub")], capsys)
     one_line_error(code, err, f"--out {f / 'sub'}", "cannot create")
     assert f.read_text() == "precious"
+
+
+def test_a_running_train_holds_its_folder(acdc, tmp_path, capsys):
+    """Issue 23, faults class 5: while a run holds OUT, a second icl train into it is refused naming
+    the holder's PID (before it reads or writes anything); a lock left by a killed run blocks no one."""
+    import os
+    import signal
+
+    from icl.rundir import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time; from icl.rundir import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+                               "print('locked', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = fingerprint(out)
+        code, err = run(TRAIN + ["--root", acdc, "--out", str(out)], capsys)
+        one_line_error(code, err, f"--out {out}", f"PID {holder.pid}", "running")
+        assert fingerprint(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / LOCK_FILE).is_file()  # the killed holder's file stays, unlocked
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert not (out / LOCK_FILE).exists() and os.path.isfile(out / "checkpoints" / "last.pt")

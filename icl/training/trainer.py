@@ -62,6 +62,8 @@ def train(config, hooks: Sequence[Callable] = (), handlers: Sequence[Handler] = 
             exc.icl_log = log_failure(cfg.out, exc)  # the CLI points there instead of printing a traceback
         raise
     finally:
+        if trainer is not None and trainer.lock is not None:
+            trainer.lock.release()
         dist.close()
 
 
@@ -87,7 +89,7 @@ class Trainer:
             warnings.warn("--amp fp16 on CPU runs without a GradScaler; bf16 is the safer choice on CPU")
         self.iteration, self.best, self.val_history = 0, None, []
         self.test_result = self.metrics = None
-        self.log = self.progress = self.signals = None
+        self.log = self.progress = self.signals = self.lock = None
         self.compile_base = self.compile_backend = None
 
     # -- setup -----------------------------------------------------------------------------------
@@ -179,6 +181,9 @@ class Trainer:
             set_deterministic()
         from .. import rundir
 
+        if self.dist.main:  # held until the run ends: a second run into this folder is refused
+            rundir.ensure_dir(self.out)
+            self.lock = rundir.RunLock(self.out).acquire()
         rundir.check_run_dir(self.out, cfg.resume, cfg.overwrite)  # every rank, before rank 0 writes
         self.dist.barrier()
         self.versions = versions()
