@@ -205,6 +205,27 @@ def test_predict_refuses_inputs_whose_outputs_collide(acdc, tmp_path, capsys):
     one_line_error(code, err, "z_0000.nii.gz", "z.nii.gz", "both predictions")
 
 
+def test_h5_declaring_an_enormous_dataset_is_refused_before_reading(acdc, tmp_path, capsys):
+    """Issue 23, containment class 2: a chunked dataset of 10^11 elements never written (a small
+    file) is refused naming the file, the dataset and its shape, in predict and in training."""
+    big = tmp_path / "big.h5"
+    with h5py.File(big, "w") as h:
+        h.create_dataset("image", shape=(1000, 10000, 10000), dtype="float32", chunks=(1, 100, 100))
+        h.create_dataset("label", shape=(1000, 10000, 10000), dtype="uint8", chunks=(1, 100, 100))
+    assert big.stat().st_size < 1 << 20
+    ck = make_checkpoint(tmp_path / "w.pt")
+    code, err = run(["predict", "--checkpoint", ck, str(big), "--out", str(tmp_path / "p"), "--no-progress"], capsys)
+    one_line_error(code, err, "big.h5", "'image'", "(1000, 10000, 10000)", "GiB")
+    root = tmp_path / "acdc"
+    shutil.copytree(acdc, root)
+    victim = root / "data" / "slices" / sorted(os.listdir(root / "data" / "slices"))[0]
+    with h5py.File(victim, "w") as h:
+        h.create_dataset("image", shape=(100000, 1000000), dtype="float32", chunks=(100, 100))
+        h.create_dataset("label", shape=(100000, 1000000), dtype="uint8", chunks=(100, 100))
+    code, err = run(_train(str(root), tmp_path / "run"), capsys)
+    one_line_error(code, err, victim.name, "'image'", "(100000, 1000000)")
+
+
 def test_corrupt_h5_for_predict(acdc, tmp_path, capsys):
     ck = make_checkpoint(tmp_path / "w.pt")
     good = os.path.join(acdc, "data", "patient001_frame01.h5")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -122,6 +122,28 @@ def _channels_first(image: np.ndarray, spatial_dims: int, path: str) -> np.ndarr
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+def _memory_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 64 << 30
+
+
+def check_declared_size(path: str, name: str, shape: Sequence[int], itemsize: int, what: str = "") -> None:
+    """Refuse to read a dataset whose declared shape needs more than half this machine's memory
+    (as read, and as float32): a corrupt or hostile header, not a case (one 3D volume of
+    512^3 float32 voxels is 0.5 GiB)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    need = n * max(int(itemsize), 4)
+    limit = _memory_bytes() // 2
+    if need > limit:
+        raise DataError(f"{path}: dataset {name!r} declares shape {tuple(int(d) for d in shape)}{what} "
+                        f"({need / 2 ** 30:.1f} GiB to read), more than half of this machine's memory "
+                        f"({limit * 2 / 2 ** 30:.1f} GiB); the file is corrupt or not a case")
+
+
 def read_h5(
     path: str,
     spatial_dims: int,
@@ -145,6 +167,13 @@ def read_h5(
             if need_label and "label" not in f:
                 raise DataError(f"{path}: no 'label' dataset (keys: {sorted(f.keys())})")
             dimg = f["image"]
+            for key in ("image", "label"):
+                if key in f and hasattr(f[key], "shape"):
+                    d = f[key]
+                    shape = list(d.shape)
+                    if index is not None and d.ndim:  # one slice along the volume's axis
+                        shape[(d.ndim - spatial_dims if key == "image" else 0) + index[0]] = 1
+                    check_declared_size(path, key, shape, d.dtype.itemsize)
             if index is None:
                 image = dimg[()]
                 label = f["label"][()] if (need_label or "label" in f) and "label" in f else None
@@ -186,6 +215,7 @@ def h5_image_info(path: str) -> Tuple[Optional[int], Dict]:
         with h5py.File(path, "r") as f:
             if "image" not in f:
                 raise DataError(f"{path}: no 'image' dataset (keys: {sorted(f.keys())})")
+            check_declared_size(path, "image", f["image"].shape, f["image"].dtype.itemsize)
             return f["image"].ndim, dict(f.attrs)
     except DataError:
         raise
