@@ -69,19 +69,70 @@ def load(path: str) -> Dict:
         if int(obj.get("version", 0)) > VERSION:
             raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} is newer than this icl ({VERSION})")
         obj["path"] = path
+        check_settings(obj, path)
         return obj
     meta = getattr(obj, "_metadata", None)
     if isinstance(obj, dict) and meta is not None and META_KEY in meta:
         info = meta[META_KEY]
         state = OrderedDict((k, v) for k, v in obj.items())
-        return {"format": FORMAT, "version": VERSION, "kind": "backbone", "path": path,
-                "model_config": dict(info.get("model_config", {})),
-                "data_config": dict(info.get("data_config", {})), "model": state,
-                "iteration": info.get("iteration"), "config": dict(info.get("config", {}))}
+        ck = {"format": FORMAT, "version": VERSION, "kind": "backbone", "path": path,
+              "model_config": dict(info.get("model_config", {})),
+              "data_config": dict(info.get("data_config", {})), "model": state,
+              "iteration": info.get("iteration"), "config": dict(info.get("config", {}))}
+        check_settings(ck, path)
+        return ck
     raise CheckpointError(
         f"{path}: not an icl checkpoint (no 'format': '{FORMAT}' entry); published ICL state dicts can be "
         f"loaded with ICLNet.load_published_state_dict"
     )
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_settings(ckpt: Dict, path: str) -> None:
+    """What a checkpoint carries is checked as strictly as the command line: a damaged or hostile
+    model_config / data_config is refused naming the checkpoint and the field."""
+    from .data.transforms import INTERPOLATIONS
+    from .models.registry import BACKBONES
+
+    def bad(field: str, value, expected: str):
+        raise CheckpointError(f"{path}: {field} {value!r} in the checkpoint: expected {expected}")
+
+    mc = ckpt.get("model_config")
+    if not isinstance(mc, dict):
+        bad("model_config", mc, "a mapping")
+    arch = mc.get("arch")
+    if arch not in BACKBONES:
+        bad("model_config.arch", arch, f"one of {', '.join(BACKBONES)}")
+    spec = BACKBONES[arch]
+    if not (_is_int(mc.get("in_channels")) and mc["in_channels"] >= 1):
+        bad("model_config.in_channels", mc.get("in_channels"), "a positive integer")
+    if not (_is_int(mc.get("num_classes")) and mc["num_classes"] >= 2):
+        bad("model_config.num_classes", mc.get("num_classes"), "an integer of at least 2")
+    patch = mc.get("patch_size")
+    if patch is not None:
+        if not (isinstance(patch, (list, tuple)) and all(_is_int(p) for p in patch)):
+            bad("model_config.patch_size", patch, "a list of integers")
+        problem = spec.patch_problem(patch)
+        if problem:
+            bad("model_config.patch_size", patch, problem)
+    opts = mc.get("backbone_options")
+    if opts is not None and not isinstance(opts, dict):
+        bad("model_config.backbone_options", opts, "a mapping")
+    dc = ckpt.get("data_config") or {}
+    if not isinstance(dc, dict):
+        bad("data_config", dc, "a mapping")
+    prep = dc.get("preprocessing") or {}
+    if not isinstance(prep, dict):
+        bad("data_config.preprocessing", prep, "a mapping")
+    axis = prep.get("slice_axis")
+    if axis is not None and axis not in (0, 1, 2):
+        bad("data_config.preprocessing.slice_axis", axis, "0, 1 or 2 (an axis of the volumes)")
+    interp = dc.get("interpolation")
+    if interp is not None and interp not in INTERPOLATIONS:
+        bad("data_config.interpolation", interp, " or ".join(INTERPOLATIONS))
 
 
 def describe_mismatch(stored: Dict, wanted: Dict, keys=MODEL_KEYS) -> Optional[str]:

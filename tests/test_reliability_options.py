@@ -226,6 +226,29 @@ def test_h5_declaring_an_enormous_dataset_is_refused_before_reading(acdc, tmp_pa
     one_line_error(code, err, victim.name, "'image'", "(100000, 1000000)")
 
 
+@pytest.mark.parametrize("where,key,value,needle", [
+    ("data_config.preprocessing", "slice_axis", 9, "data_config.preprocessing.slice_axis 9"),
+    ("model_config", "patch_size", [0, 0], "model_config.patch_size [0, 0]"),
+    ("data_config", "interpolation", "cubic", "data_config.interpolation 'cubic'"),
+    ("model_config", "num_classes", 1, "model_config.num_classes 1"),
+])
+def test_checkpoint_with_hostile_settings_is_refused(acdc, tmp_path, capsys, where, key, value, needle):
+    """Issue 23, containment class 3: what a checkpoint stores is checked like the command line,
+    and the error names the checkpoint and the field."""
+    ck = make_checkpoint(tmp_path / "w.pt")
+    c = torch.load(ck, weights_only=True)
+    target = c
+    for part in where.split("."):
+        target = target.setdefault(part, {})
+    target[key] = value
+    torch.save(c, ck)
+    vol = os.path.join(acdc, "data", "patient001_frame01.h5")
+    for argv in (["predict", "--checkpoint", ck, vol, "--out", str(tmp_path / "p"), "--no-progress"],
+                 ["evaluate", "--checkpoint", ck, "--root", acdc, "--out", str(tmp_path / "e"), "--no-progress"]):
+        code, err = run(argv, capsys)
+        one_line_error(code, err, "w.pt", needle)
+
+
 def test_corrupt_h5_for_predict(acdc, tmp_path, capsys):
     ck = make_checkpoint(tmp_path / "w.pt")
     good = os.path.join(acdc, "data", "patient001_frame01.h5")
