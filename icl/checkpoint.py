@@ -38,8 +38,24 @@ class CheckpointError(UsageError):
     """A checkpoint is missing, unreadable, or does not fit the model/run; the message says what differs."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a vanished folder); the previous one stands."""
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    """torch.save to a temporary file in the same folder, then rename over ``path``: a save that
+    fails (a full disk) leaves the previous file whole, and says so."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -48,9 +64,33 @@ def save_atomic(obj: Any, path: str) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointWriteError(_write_failure(path, d, obj, exc)) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _write_failure(path: str, folder: str, obj: Any, exc: BaseException) -> str:
+    import errno
+    import shutil
+
+    need = _tensor_bytes(obj)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    before = (f"the previous {os.path.basename(path)} is intact" if os.path.isfile(path)
+              else f"no earlier {os.path.basename(path)} was there")
+    full = getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < need * 1.1)
+    if full:
+        have = f"{free / 2 ** 20:.0f} MB free" if free is not None else "free space unknown"
+        return (f"cannot write {path}: the disk holding {folder} is full ({have}, the checkpoint needs about "
+                f"{need / 2 ** 20:.0f} MB); {before}. Free space there (or choose another --out) and resume")
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"cannot write {path} ({first}); {before}"
 
 
 def load(path: str) -> Dict:

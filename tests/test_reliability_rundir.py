@@ -120,3 +120,53 @@ def test_a_running_train_holds_its_folder(acdc, tmp_path, capsys):
     code, err = run(TRAIN + ["--root", acdc, "--out", str(out)], capsys)
     assert code == 0, err
     assert not (out / LOCK_FILE).exists() and os.path.isfile(out / "checkpoints" / "last.pt")
+
+
+def _full_disk(monkeypatch, real_save, fail_after=0):
+    """torch.save that writes part of the file and fails as PyTorch does on a full disk."""
+    import shutil
+    from collections import namedtuple
+
+    calls = {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] <= fail_after:
+            return real_save(obj, f, *a, **k)
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 12")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 4096, 4096))
+
+
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Issue 23, faults class 4: the error names the file, the disk and the space, and says the
+    previous checkpoint is intact (it is)."""
+    import os
+
+    from icl import checkpoint as C
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    C.save_atomic({"w": torch.ones(1000)}, str(path))
+    _full_disk(monkeypatch, torch.save)
+    with pytest.raises(C.CheckpointWriteError) as ei:
+        C.save_atomic({"w": torch.zeros(1000)}, str(path))
+    msg = str(ei.value)
+    assert str(path) in msg and "full" in msg and "4096" not in msg and "MB free" in msg
+    assert "the previous last.pt is intact" in msg
+    monkeypatch.undo()
+    assert torch.equal(torch.load(str(path), weights_only=True)["w"], torch.ones(1000))
+    assert sorted(os.listdir(path.parent)) == ["last.pt"]  # no temporary left behind
+
+
+def test_a_full_disk_during_training_is_one_line(acdc, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _full_disk(monkeypatch, torch.save, fail_after=1)  # the first last.pt is written, the second is not
+    code, err = run(TRAIN + ["--root", acdc, "--out", str(out), "--save-every", "1"], capsys)
+    lines = [l for l in err.strip().splitlines() if "error" in l]
+    assert code == 1 and len(lines) == 1, err
+    assert "cannot write" in lines[0] and "last.pt" in lines[0] and "full" in lines[0]
+    assert "previous last.pt is intact" in lines[0]
