@@ -124,3 +124,21 @@ def test_bad_dataset_json_is_one_line(nifti, tmp_path, capsys, content, needle):
                      "--patch-size", "32", "32", "--no-progress", "--num-workers", "0", "--out",
                      str(tmp_path / "run")], capsys)
     one_line_error(code, err, js, needle)
+
+
+def test_nifti_header_declaring_an_enormous_image_names_the_reason(tmp_path):
+    """Issue 23: a header that declares far more voxels than a case can have is refused before
+    reading, with the shape and the size in the message (not an empty reason)."""
+    import struct
+
+    from icl.data.io import read_nifti
+
+    path = tmp_path / "huge.nii"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[40:56] = struct.pack("<8h", 3, 30000, 30000, 30000, 1, 1, 1, 1)  # dim[0..7] of the NIfTI-1 header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as ei:
+        read_nifti(str(path))
+    msg = str(ei.value)
+    assert "huge.nii" in msg and "(30000, 30000, 30000)" in msg and "GiB" in msg and "()" not in msg

@@ -264,11 +264,14 @@ def read_nifti(path: str):
         raise DataError(f"{path}: file not found")
     try:
         img = nib.load(path)
+        check_declared_size(path, "image", img.shape, np.dtype(img.get_data_dtype()).itemsize, " in its header")
         data = np.asarray(img.dataobj)
         zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
         return data, np.asarray(img.affine, dtype=np.float64), zooms, img.header
+    except DataError:
+        raise
     except Exception as exc:  # nibabel raises several types for corrupt files
-        raise DataError(f"{path}: cannot read NIfTI file ({exc})") from exc
+        raise DataError(f"{path}: cannot read NIfTI file ({str(exc) or type(exc).__name__})") from exc
 
 
 def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, header=None) -> None:
