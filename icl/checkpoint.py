@@ -65,8 +65,6 @@ def save_atomic(obj: Any, path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise CheckpointWriteError(_write_failure(path, d, obj, exc)) from exc
     finally:
         if os.path.exists(tmp):

@@ -57,3 +57,9 @@ def one_line(exc: BaseException) -> str:
     """``exc``'s message on one line (worker tracebacks unwrapped, whitespace collapsed)."""
     msg, _ = unwrap_worker_message(str(exc))
     return " ".join(msg.split())
+
+
+def or_list(names) -> str:
+    """``a``, ``a or b``, ``a, b or c``: the alternatives an error message offers."""
+    names = [str(n) for n in names]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

@@ -21,7 +21,7 @@ import os
 import typing
 from typing import Any, Dict, Optional, Sequence
 
-from .errors import ConfigError
+from .errors import ConfigError, or_list
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -162,11 +162,6 @@ def _positive_list(cfg, name: str, length: Optional[int] = None) -> None:
         raise ConfigError(f"{flag} {' '.join(map(str, vals))}: every value must be a positive number")
 
 
-def _or(names) -> str:
-    names = [str(n) for n in names]
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
 def check_choices(cfg) -> None:
     """Every option with choices (from its registry) holds one of them (cfg: an icl.config.TrainConfig)."""
     for name, spec in type(cfg).options():
@@ -232,7 +227,7 @@ def _check_model(cfg) -> None:
     dims = sorted({d for s in BACKBONES.values() if s.model_name == cfg.model for d in s.spatial_dims})
     if len(cfg.patch_size) not in dims:
         kinds = [f"{d} ({arch_for(cfg.model, d)})" for d in dims]
-        raise ConfigError(f"--patch-size {sizes}: give {_or(kinds)} sizes for --model {cfg.model}")
+        raise ConfigError(f"--patch-size {sizes}: give {or_list(kinds)} sizes for --model {cfg.model}")
     spec = BACKBONES[cfg.arch]
     problem = spec.patch_problem(cfg.patch_size)
     if problem:
@@ -285,15 +280,10 @@ def check_options(cfg) -> None:
     lo, hi = SEED_RANGE
     need(lo <= cfg.seed <= hi, f"--seed must be in {lo}..2**63-1 (a non-negative 64-bit integer), got {cfg.seed}")
     device = resolve_device(cfg.device)
-    if cfg.method in _METHODS_WITH_KERNELS:
-        check_backend(cfg.backend, device, cfg.amp)
-    else:
-        check_backend(cfg.backend, device)
+    from .methods import METHODS
+
+    check_backend(cfg.backend, device, cfg.amp if METHODS[cfg.method].uses_kernels else "none")
     check_compile(getattr(cfg, "compile", "none"), device)
-
-
-#: the methods whose networks run icl_kernels ops (the ICL heads)
-_METHODS_WITH_KERNELS = ("icl",)
 
 
 def check_compile(mode: str, device) -> None:

@@ -28,7 +28,7 @@ speed rule yet: no GPU has timed the two against each other. The GPU check
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional, Tuple
 
 # Flop ratio unfused / absorbed of one attention (forward and backward alike):
 #   unfused  ~ 2 N C^2 (token projections to keys and values) + 2 M N C / H (per-head products)
@@ -64,16 +64,17 @@ def cpu_prefers_unfused(tokens: int, channels: int, heads: int, rows: int) -> bo
 
 # `auto`'s preference per device type for ops without a shape rule: the first
 # backend that can run wins.
-DEVICE_ORDER = {"cpu": ["cpu", "torch"], "cuda": ["cuda", "triton", "torch"]}
+DEVICE_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+_CUDA_WIDE_ORDER = ("triton", "torch")  # tokens wider than the CUDA kernels' tiles
+_OTHER_ORDER = ("torch",)
 
 
-def op_order(device_type: str, channels: Optional[int] = None) -> List[str]:
+def op_order(device_type: str, channels: Optional[int] = None) -> Tuple[str, ...]:
     """The preference order of `auto` on this device type: every op, and the proxy
     attention op by the token width ``channels`` (on CUDA, no CUDA kernel past
     CUDA_MAX_CHANNELS; on CPU the cpu kernel at every measured shape, then torch
     for dtypes the kernel does not take: see the module docstring). The one place
     that decides the order; :func:`icl_kernels.backends.resolve` walks it."""
-    order = list(DEVICE_ORDER.get(device_type, ["torch"]))
     if device_type == "cuda" and channels is not None and channels > CUDA_MAX_CHANNELS:
-        order.remove("cuda")
-    return order
+        return _CUDA_WIDE_ORDER
+    return DEVICE_ORDER.get(device_type, _OTHER_ORDER)

@@ -522,7 +522,7 @@ def test_auto_order_on_cuda_tensors_skips_cuda_for_wide_tokens():
     # the one place auto's order is decided; the op asks it with the tokens' device type and width
     assert auto.op_order("cuda", 512)[0] == "cuda"
     assert "cuda" not in auto.op_order("cuda", 768) and auto.op_order("cuda", 768)[0] == "triton"
-    assert auto.op_order("cuda") == ["cuda", "triton", "torch"]  # ops without a width rule
-    assert auto.op_order("meta", 8) == ["torch"]
+    assert auto.op_order("cuda") == ("cuda", "triton", "torch")  # ops without a width rule
+    assert auto.op_order("meta", 8) == ("torch",)
     # on CPU the cpu kernel first, then torch for the dtypes it does not take
-    assert auto.op_order("cpu", 8) == ["cpu", "torch"]
+    assert auto.op_order("cpu", 8) == ("cpu", "torch")

@@ -5,6 +5,7 @@ expected, so that a bad case in a data set of hundreds is found at once.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -122,7 +123,9 @@ def _channels_first(image: np.ndarray, spatial_dims: int, path: str) -> np.ndarr
     return np.ascontiguousarray(image, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=1)
 def _memory_bytes() -> int:
+    """Physical memory (read once: every h5 read of training checks against it)."""
     try:
         return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):

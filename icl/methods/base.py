@@ -47,6 +47,7 @@ class Method:
 
     name = ""
     uses_unlabeled = True
+    uses_kernels = False  # its network runs icl_kernels ops (then --backend must take --amp's tokens)
     default_weights: Dict[str, float] = {}
 
     def __init__(self, cfg) -> None:

@@ -45,6 +45,7 @@ CONFIDENT = ("weak-strong-confident", "one-confident")
 
 class ICLMethod(Method):
     name = "icl"
+    uses_kernels = True
     default_weights = {"supervised": 1.0, "auxiliary": 1.0, "pseudo": 1.0, "consistency": 50.0, "confident": 1.0}
 
     def __init__(self, cfg):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from ..errors import or_list
 from . import swinunetr as _swinunetr
 from .unet import UNet2D, UNet3D
 
@@ -110,17 +111,12 @@ def arch_for(model: str, spatial_dims: int) -> str:
     """The registered architecture of ``--model model`` for patches of ``spatial_dims`` axes."""
     specs = [s for s in BACKBONES.values() if s.model_name == model]
     if not specs:
-        raise ValueError(f"--model {model!r}: expected {_or(model_names())}")
+        raise ValueError(f"--model {model!r}: expected {or_list(model_names())}")
     for s in specs:
         if spatial_dims in s.spatial_dims:
             return s.name
     dims = sorted({d for s in specs for d in s.spatial_dims})
-    raise ValueError(f"--model {model} takes {_or([str(d) for d in dims])} patch sizes, got {spatial_dims}")
-
-
-def _or(names: Sequence[str]) -> str:
-    names = list(names)
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    raise ValueError(f"--model {model} takes {or_list(dims)} patch sizes, got {spatial_dims}")
 
 
 def build_backbone(arch: str, in_channels: int, num_classes: int, patch_size: Optional[Sequence[int]] = None,
@@ -141,7 +137,7 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, patch_size: Op
         else:
             raise ValueError(f"build_backbone: {arch} needs spatial_dims or patch_size")
     if int(dims) not in spec.spatial_dims:
-        raise ValueError(f"build_backbone: {arch} spatial_dims must be {_or([str(d) for d in spec.spatial_dims])}, "
+        raise ValueError(f"build_backbone: {arch} spatial_dims must be {or_list(spec.spatial_dims)}, "
                          f"got {dims}")
     if opts and not spec.takes_options:
         raise ValueError(f"build_backbone: {arch} takes no options, got {sorted(opts)}")
