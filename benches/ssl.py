@@ -1,7 +1,15 @@
 """Label-efficiency benchmark: semi-supervised methods x seeds x labeled budgets on
-the synthetic brain population (:mod:`icl.demo.population`).
+a synthetic task (``--task``):
 
-    python -m benches.ssl                       # the committed table (3 seeds)
+- ``brain`` (default): grey/white matter on the brain population
+  (:mod:`icl.demo.population`), 48x48, budgets in labeled slices of one
+  subject; its headroom is contrast (most test subjects have other contrasts);
+- ``lesions``: lesions of varied size, place and appearance on one contrast
+  family (:mod:`icl.demo.lesions`), 64x64, budgets in labeled *subjects* (all
+  their slices); its headroom is in-distribution label scarcity.
+
+    python -m benches.ssl                       # the committed brain table (3 seeds)
+    python -m benches.ssl --task lesions        # the committed lesion table
     python -m benches.ssl --quick               # a smoke run (tiny population, a few iterations)
     python -m benches.ssl --methods supervised,icl --seeds 1 --iterations 500
 
@@ -15,8 +23,10 @@ recorded; ``--fresh`` reruns the requested runs; earlier rows of other runs
 stay listed either way). The checkpoint that is tested is the best on
 the validation subjects; the test subjects are never used for a choice.
 
-Outputs (``--out``, default ``benches/results/cpu/ssl``): ``runs.csv`` (one row
-per run: test Dice overall and per contrast family, HD95, wall time, command),
+Outputs (``--out``, default ``benches/results/cpu/ssl`` for ``brain``,
+``benches/results/cpu/ssl-lesions`` for ``lesions``): ``runs.csv`` (one row per
+run: test Dice overall and, for ``brain``, per contrast family, HD95, wall time,
+command),
 ``summary.md`` (mean +- sample standard deviation over seeds), ``ssl.png``.
 ``--csv``/``--plot`` copy the CSV / the plot elsewhere.
 """
@@ -86,7 +96,18 @@ DEFAULT_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "f
 
 COLUMNS = ["method", "seed", "labeled_slices", "dice_mean", "dice_gm", "dice_wm", "dice_t1", "dice_other",
            "hd95_mean", "val_dice", "best_iteration", "iterations", "wall_s", "it_per_s", "threads", "git_commit",
-           "machine", "timestamp", "command"]
+           "machine", "timestamp", "command", "task", "labeled_subjects", "dice_lesion"]
+
+# task -> what differs between the tasks (the brain task's commands and columns are as they were,
+# so its committed runs.csv rows are still recognised and reused)
+TASKS: Dict[str, Dict] = {
+    "brain": {"title": "the synthetic brain population (grey and white matter)", "num_classes": 3,
+              "size": 48, "budgets": "2", "budget_unit": "labeled slices",
+              "out": os.path.join("benches", "results", "cpu", "ssl")},
+    "lesions": {"title": "the synthetic lesion population (one contrast family)", "num_classes": 2,
+                "size": 64, "budgets": "1,3", "budget_unit": "labeled subjects (all their slices)",
+                "out": os.path.join("benches", "results", "cpu", "ssl-lesions")},
+}
 
 
 def _git_commit() -> str:
@@ -103,17 +124,22 @@ def _machine() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benches.ssl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="brain", choices=list(TASKS),
+                   help="brain: tissue on the brain population (default); lesions: lesions, one contrast family")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)}")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (default 3)")
-    p.add_argument("--budgets", default="2", help="labeled slices, comma-separated (default 2)")
+    p.add_argument("--budgets", help="comma-separated labeled budgets: slices of one subject for brain (default 2), "
+                                     "subjects for lesions (default 1,3)")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8, help="per step; half of it labeled (default 8)")
-    p.add_argument("--size", type=int, default=48, help="slice size in pixels, a multiple of 16 (default 48)")
+    p.add_argument("--size", type=int, help="slice size in pixels, a multiple of 16 (default 48 for brain, "
+                                            "64 for lesions)")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per run (default 1)")
-    p.add_argument("--out", default=os.path.join("benches", "results", "cpu", "ssl"))
+    p.add_argument("--out", help="results folder (default benches/results/cpu/ssl for brain, "
+                                 "benches/results/cpu/ssl-lesions for lesions)")
     p.add_argument("--data-dir", help="population folder (default OUT/data)")
     p.add_argument("--population-seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny population and 20 iterations (smoke test)")
@@ -124,6 +150,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rerun the requested runs, ignoring their earlier results in --out")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    task = TASKS[args.task]
+    args.budgets = task["budgets"] if args.budgets is None else args.budgets
+    args.size = task["size"] if args.size is None else args.size
+    args.out = task["out"] if args.out is None else args.out
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; expected some of {', '.join(METHODS)}")
@@ -132,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--budgets: expected comma-separated integers, got {args.budgets!r}")
     if not args.budgets or min(args.budgets) < 1:
-        p.error("--budgets: every budget must be >= 1 labeled slice")
+        p.error(f"--budgets: every budget must be >= 1 ({task['budget_unit']})")
     for name in ("seeds", "iterations", "batch_size", "jobs", "threads", "val_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -147,6 +177,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def population_spec(args):
+    if args.task == "lesions":
+        from icl.demo.lesions import LesionSpec
+
+        if args.quick:
+            return LesionSpec(size=32, train_subjects=max(4, max(args.budgets) + 1), train_slices=3, val_subjects=2,
+                              test_subjects=3, eval_slices=4, seed=args.population_seed)
+        return LesionSpec(size=args.size, seed=args.population_seed)
     from icl.demo.population import PopulationSpec
 
     if args.quick:
@@ -170,10 +207,18 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
     n_train = meta["counts"]["train_slices"]
     run_dir = os.path.join(args.out, "runs", f"{method}-b{budget}-s{seed}")
     metrics_path = os.path.join(run_dir, "metrics.json")
-    fraction = 1.0 if labeled == "all" else budget / n_train
     size = meta["params"]["size"]
-    cmd = [sys.executable, "-m", "icl", "train", "--dataset", "acdc", "--root", root, "--num-classes", "3",
-           "--labeled-fraction", repr(fraction), "--patch-size", str(size), str(size),
+    if labeled == "all":
+        labels = ["--labeled-fraction", repr(1.0)]
+    elif args.task == "lesions":  # subjects, all their slices (the prefix of a slice name is its subject)
+        labels = ["--labeled-num", str(budget)]
+    else:
+        labels = ["--labeled-fraction", repr(budget / n_train)]
+    # lesions: the generic ACDC layout (--dataset synthetic), where --labeled-num counts subjects, not the
+    # published patients-to-slices table
+    dataset = "synthetic" if args.task == "lesions" else "acdc"
+    cmd = [sys.executable, "-m", "icl", "train", "--dataset", dataset, "--root", root, "--num-classes",
+           str(TASKS[args.task]["num_classes"])] + labels + ["--patch-size", str(size), str(size),
            "--batch-size", str(args.batch_size), "--labeled-bs", str(args.batch_size // 2),
            "--max-iterations", str(args.iterations), "--val-every", str(args.val_every), "--save-every", "0",
            "--intensity-aug", "default", "--seed", str(seed), "--num-workers", "0", "--device", args.device,
@@ -184,6 +229,7 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
     if not args.fresh and not os.path.isfile(metrics_path) and earlier and command in earlier:
         row = {k: earlier[command].get(k, "") for k in COLUMNS}
         row["labeled_slices"], row["seed"] = int(row["labeled_slices"]), int(row["seed"])  # as a fresh run's
+        row["task"] = row["task"] or args.task
         log(f"[{method} budget {budget} seed {seed}] reused from runs.csv (commit {row['git_commit']}, "
             f"{row['timestamp']}): test Dice {float(row['dice_mean']):.4f}")
         return row
@@ -219,6 +265,22 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
             wall = ran["wall_s"]
         except (OSError, KeyError, ValueError):
             ran, wall = {}, float("nan")
+    test = done["test"]
+    pc = test["per_class"]
+    common = {"method": method, "seed": seed, "task": args.task,
+              "val_dice": (done.get("best") or {}).get("mean_dice", ""),
+              "best_iteration": (done.get("best") or {}).get("iteration"), "iterations": done.get("iteration"),
+              "wall_s": round(wall, 1) if wall is not None else "", "threads": ran.get("threads", ""),
+              "it_per_s": round(done.get("iteration", 0) / wall, 2) if wall else "",
+              "git_commit": ran.get("git_commit", ""), "machine": _machine(), "timestamp": ran.get("timestamp", ""),
+              "command": command}
+    if args.task == "lesions":
+        per_subject = meta["params"]["train_slices"]
+        subjects = meta["counts"]["train"] if labeled == "all" else budget
+        row = dict(common, labeled_slices=subjects * per_subject, labeled_subjects=subjects,
+                   dice_mean=pc["1"]["dice"], dice_lesion=pc["1"]["dice"], hd95_mean=pc["1"]["hd95"])
+        log(f"[{method} budget {budget} seed {seed}] test lesion Dice {row['dice_mean']:.4f}, {row['wall_s']} s")
+        return row
     # per contrast family, from the per-case results
     family = meta["test_contrast"]
     per_case: Dict[str, List[float]] = {}
@@ -232,18 +294,10 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
         v = [d for c, d in case_mean.items() if family.get(c) == f]
         return float(np.mean(v)) if v else float("nan")
 
-    test = done["test"]
-    pc = test["per_class"]
-    row = {"method": method, "seed": seed, "labeled_slices": n_train if labeled == "all" else budget,
-           "dice_mean": float(np.mean([pc["1"]["dice"], pc["2"]["dice"]])), "dice_gm": pc["1"]["dice"],
-           "dice_wm": pc["2"]["dice"], "dice_t1": fam("t1"), "dice_other": fam("other"),
-           "hd95_mean": float(np.mean([pc["1"]["hd95"], pc["2"]["hd95"]])),
-           "val_dice": (done.get("best") or {}).get("mean_dice", ""),
-           "best_iteration": (done.get("best") or {}).get("iteration"), "iterations": done.get("iteration"),
-           "wall_s": round(wall, 1) if wall is not None else "", "threads": ran.get("threads", ""),
-           "it_per_s": round(done.get("iteration", 0) / wall, 2) if wall else "",
-           "git_commit": ran.get("git_commit", ""), "machine": _machine(), "timestamp": ran.get("timestamp", ""),
-           "command": command}
+    row = dict(common, labeled_slices=n_train if labeled == "all" else budget,
+               dice_mean=float(np.mean([pc["1"]["dice"], pc["2"]["dice"]])), dice_gm=pc["1"]["dice"],
+               dice_wm=pc["2"]["dice"], dice_t1=fam("t1"), dice_other=fam("other"),
+               hd95_mean=float(np.mean([pc["1"]["hd95"], pc["2"]["hd95"]])))
     log(f"[{method} budget {budget} seed {seed}] test Dice {row['dice_mean']:.4f} "
         f"(T1-like {row['dice_t1']:.4f}, other contrast {row['dice_other']:.4f}), {row['wall_s']} s")
     return row
@@ -258,16 +312,48 @@ def summarize(rows: List[Dict]) -> List[Dict]:
             keys.append(k)
     for method, budget in keys:
         sel = [r for r in rows if r["method"] == method and r["labeled_slices"] == budget]
-        e = {"method": method, "labeled_slices": budget, "n": len(sel)}
+        e = {"method": method, "labeled_slices": budget, "n": len(sel),
+             "labeled_subjects": sel[0].get("labeled_subjects", "")}
         for k in ("dice_mean", "dice_t1", "dice_other", "hd95_mean", "val_dice", "wall_s"):
-            v = np.array([float(r[k]) for r in sel if r[k] not in ("", None)], dtype=float)
+            v = np.array([float(r[k]) for r in sel if r.get(k) not in ("", None)], dtype=float)
             e[k] = float(np.mean(v)) if len(v) else float("nan")
             e[k + "_sd"] = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
         out.append(e)
     return out
 
 
+def _lesion_markdown(summary: List[Dict], args, meta: Dict, wall: float, rows: List[Dict]) -> str:
+    base = {e["labeled_slices"]: e for e in summary if e["method"] == "supervised"}
+    lines = ["| method | labeled subjects (slices) | test Dice (lesion) | vs supervised | HD95 (px) | validation Dice "
+             "| wall time per run (s) |", "|---|---|---|---|---|---|---|"]
+    for e in summary:
+        b = base.get(e["labeled_slices"])
+        diff = f"{100 * (e['dice_mean'] - b['dice_mean']):+.1f}" if b is not None and e["method"] != "supervised" else ""
+
+        def pm(k):
+            sd = e[k + "_sd"]
+            return f"{e[k]:.3f}" + (f" ± {sd:.3f}" if np.isfinite(sd) else "")
+
+        lines.append(f"| {METHODS[e['method']][0]} | {e['labeled_subjects']} ({e['labeled_slices']}) | {pm('dice_mean')} "
+                     f"| {diff} | {pm('hd95_mean')} | "
+                     f"{pm('val_dice') if np.isfinite(e['val_dice']) else 'not recorded'} | {e['wall_s']:.0f} |")
+    c = meta["counts"]
+    lines += ["", f"Mean ± sample standard deviation over {args.seeds} training seed(s) (seeds 0..{args.seeds - 1}); "
+              f"one lesion population (seed {args.population_seed}, T1 contrast family only): {c['train']} training "
+              f"subjects ({c['train_slices']} slices; the first N subjects are the labeled ones), {c['val']} "
+              f"validation and {c['test']} test subjects, {meta['params']['size']}x{meta['params']['size']} px, "
+              f"lesions {100 * meta['lesion_share']:.1f}% of the pixels. {args.iterations} iterations, batch "
+              f"{args.batch_size} ({args.batch_size // 2} labeled), best-validation checkpoint tested, "
+              f"{args.jobs} run(s) at a time with {args.threads} thread(s) each; {_machine()}. "
+              f"Commits of the runs: {', '.join(sorted({str(r['git_commit']) for r in rows if r['git_commit']}))} "
+              f"(per run in runs.csv, with its wall time); this invocation took {wall:.0f} s at commit "
+              f"{_git_commit()}."]
+    return "\n".join(lines)
+
+
 def markdown(summary: List[Dict], args, meta: Dict, wall: float, rows: List[Dict]) -> str:
+    if args.task == "lesions":
+        return _lesion_markdown(summary, args, meta, wall, rows)
     base = {e["labeled_slices"]: e for e in summary if e["method"] == "supervised"}
     lines = ["| method | labeled slices | test Dice (GM, WM mean) | vs supervised | T1-like subjects | other contrasts "
              "| HD95 (px) | validation Dice | wall time per run (s) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -297,7 +383,7 @@ def markdown(summary: List[Dict], args, meta: Dict, wall: float, rows: List[Dict
     return "\n".join(lines)
 
 
-def plot(summary: List[Dict], path: str) -> None:
+def plot(summary: List[Dict], path: str, task: str = "brain") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,16 +394,19 @@ def plot(summary: List[Dict], path: str) -> None:
     names = [f"{e['method']} ({e['labeled_slices']})" if many else f"{e['method']}\n({e['labeled_slices']})"
              for e in summary]
     x = np.arange(len(summary))
-    for off, key, lab in ((-0.27, "dice_mean", "all test subjects"), (0.0, "dice_t1", "T1-like"),
-                          (0.27, "dice_other", "other contrasts")):
+    bars = ((-0.27, "dice_mean", "all test subjects"), (0.0, "dice_t1", "T1-like"),
+            (0.27, "dice_other", "other contrasts"))
+    if task == "lesions":
+        bars = ((0.0, "dice_mean", "test subjects"),)
+    for off, key, lab in bars:
         ax.bar(x + off, [e[key] for e in summary], 0.27,
                yerr=[e[key + "_sd"] if np.isfinite(e[key + "_sd"]) else 0 for e in summary], label=lab, capsize=3)
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8, rotation=35 if many else 0, ha="right" if many else "center")
-    ax.set_ylabel("test Dice (GM, WM mean)")
+    ax.set_ylabel("test Dice (lesion)" if task == "lesions" else "test Dice (GM, WM mean)")
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=8, loc="upper left", ncol=3)
-    ax.set_title("label efficiency on the synthetic brain population (mean ± sd over seeds)")
+    ax.set_title(f"label efficiency on {TASKS[task]['title']} (mean ± sd over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -325,12 +414,15 @@ def plot(summary: List[Dict], path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from icl.demo.population import build_population
+    if args.task == "lesions":
+        from icl.demo.lesions import build_lesion_population as build
+    else:
+        from icl.demo.population import build_population as build
 
     os.makedirs(args.out, exist_ok=True)
     root = args.data_dir or os.path.join(args.out, "data")
     t0 = time.perf_counter()
-    meta = build_population(root, population_spec(args))
+    meta = build(root, population_spec(args))
     earlier = earlier_rows(args)
     jobs = [(m, s, b) for b in args.budgets for s in range(args.seeds) for m in args.methods
             if not (METHODS[m][2] == "all" and b != args.budgets[0])]
@@ -364,7 +456,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "summary.json"), "w") as fh:
         json.dump({"summary": summary, "wall_s": wall, "args": {k: v for k, v in vars(args).items()}}, fh, indent=1)
     for path in [os.path.join(args.out, "ssl.png")] + ([args.plot] if args.plot else []):
-        plot(summary, path)
+        plot(summary, path, args.task)
     print(md)
     return 0
 
