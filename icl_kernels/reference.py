@@ -48,8 +48,16 @@ def proxy_attention_forward(x: Tensor, A: Tensor, c: Tensor, eps: Optional[float
     xhat, _ = normalize_tokens(x, eps)
     acc = xhat.dtype
     S = torch.baddbmm(c.to(acc).unsqueeze(-1), A.to(acc), xhat.transpose(1, 2))
-    lse = torch.logsumexp(S, dim=-1)
-    P = torch.exp(S - lse.unsqueeze(-1))
+    if S.shape[-1] == 0:
+        lse = torch.logsumexp(S, dim=-1)
+        P = S
+    else:  # P from the row max (an entry of S, exact) and the row sum: exp(S - lse) would carry
+        # lse's rounding (half an ulp of |lse|, 1e-3 at logits ~1.8e4 in float32) into every P
+        m = S.amax(dim=-1, keepdim=True)
+        E = torch.exp(S - m)
+        l = E.sum(dim=-1, keepdim=True)
+        P = E / l
+        lse = (m + torch.log(l)).squeeze(-1)
     Z = torch.bmm(P, xhat)
     return Z.to(x.dtype), S.to(x.dtype), lse
 
@@ -69,6 +77,9 @@ def proxy_attention_backward(
     Aa = A.to(acc)
     S = torch.baddbmm(c.to(acc).unsqueeze(-1), Aa, xhat.transpose(1, 2))
     P = torch.exp(S - lse.to(acc).unsqueeze(-1))
+    # renormalise: the saved lse is rounded to the accumulation dtype, which scales a row of P by
+    # exp(-rounding) (a relative error of ulp(|lse|) / 2, not negligible at large logits)
+    P = P / P.sum(dim=-1, keepdim=True)
     if grad_Z is not None:
         dZ = grad_Z.to(acc)
         dP = torch.bmm(dZ, xhat.transpose(1, 2))

@@ -179,6 +179,30 @@ def test_half_precision_flash_rule(B, N, M, C, layout, eps, dtype):
     check_flash_rule(run_op(x, A, c, eps, gZ, gS), run_plain(x, A, c, eps, gZ, gS), ref)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("big,eps", [("c", None), ("x", None), ("A", None), ("c", 1e-5), ("A", 1e-5)])
+def test_half_precision_rule_at_large_logits(big, eps, dtype, backend):
+    """Logits around 1.8e4 (a large bias, large tokens or large queries): the rule holds for
+    every GPU backend, forward and backward (the CPU cases: tests/test_proxy_attention.py)."""
+    why = icl_kernels.available_backends(device="cuda").get(backend)
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    torch.manual_seed(11)
+    x, A, c = torch.randn(2, 100, 64, device="cuda"), torch.randn(2, 8, 64, device="cuda"), torch.randn(2, 8, device="cuda")
+    if big == "c":
+        c = c * 1.8e4
+    elif big == "x":
+        x = x * 600.0
+    else:
+        A = A * 600.0
+    gZ, gS = torch.randn(2, 8, 64, device="cuda"), torch.randn(2, 8, 100, device="cuda")
+    x, A, c, gZ, gS = (t.to(dtype) for t in (x, A, c, gZ, gS))
+    ref = run_reference(x, A, c, eps, gZ, gS)
+    assert ref[1].abs().max() > 1e4
+    check_flash_rule(run_op(x, A, c, eps, gZ, gS, backend=backend), run_plain(x, A, c, eps, gZ, gS), ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_million_tokens(dtype):
     B, N, M, C, eps = 1, 1 << 20, 8, 64, 1e-5

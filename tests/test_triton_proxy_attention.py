@@ -266,6 +266,28 @@ def test_float16_interpreter():
     check_low_precision(x, A, c, 1e-5, gZ, gS)
 
 
+def large_logit_inputs(big, dtype, seed=11):
+    """Logits around 1.8e4, from a large bias, large tokens or large queries (issue: float16
+    backward at large logits), as in tests/test_proxy_attention.py."""
+    g = torch.Generator().manual_seed(seed)
+    x, A, c = torch.randn(2, 100, 64, generator=g), torch.randn(2, 8, 64, generator=g), torch.randn(2, 8, generator=g)
+    if big == "c":
+        c = c * 1.8e4
+    elif big == "x":
+        x = x * 600.0
+    else:
+        A = A * 600.0
+    gZ, gS = torch.randn(2, 8, 64, generator=g), torch.randn(2, 8, 100, generator=g)
+    return [t.to(dtype) for t in (x, A, c, gZ, gS)]
+
+
+@interp
+@pytest.mark.parametrize("big,eps", [("c", None), ("x", None), ("A", None), ("c", 1e-5), ("A", 1e-5)])
+def test_float16_rule_at_large_logits_interpreter(big, eps):
+    x, A, c, gZ, gS = large_logit_inputs(big, torch.float16)
+    check_low_precision(x, A, c, eps, gZ, gS)
+
+
 @interp
 def test_backward_bitwise_deterministic():
     x, A, c, gZ, gS = make_inputs(2, 300, 20, 40, seed=6)
