@@ -55,6 +55,30 @@ def _amp_modes():
     return list(AMP_MODES)
 
 
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``icl evaluate`` and ``icl predict`` that say how a case is predicted."""
+    from .inference import BLENDS, TTA_MODES, WEIGHTINGS, WINDOW_PRESETS
+
+    p.add_argument("--overlap", type=float, nargs="+", metavar="O",
+                   help="3D: share of a window its neighbour overlaps, one value or one per axis (default 0.5)")
+    p.add_argument("--stride", type=int, nargs="+", metavar="S",
+                   help="3D: window steps in voxels, one value or one per axis (instead of --overlap)")
+    p.add_argument("--window-weighting", choices=list(WEIGHTINGS),
+                   help="3D: weights of a window's voxels when windows overlap (default constant)")
+    p.add_argument("--blend", choices=list(BLENDS),
+                   help="what windows, mirrors and ensemble members average (default probabilities)")
+    p.add_argument("--window-preset", choices=list(WINDOW_PRESETS),
+                   help="3D: the windows of a published evaluation (sets --overlap/--stride, "
+                        "--window-weighting, --blend)")
+    p.add_argument("--sw-batch-size", type=int, metavar="N",
+                   help="3D: windows per forward pass (default 4)")
+    p.add_argument("--tta", choices=list(TTA_MODES), default="none",
+                   help="flip: also predict every mirror of the spatial axes and average (default none)")
+    p.add_argument("--batch-size", type=int, default=8, help="2D: slices per forward pass (default 8)")
+    p.add_argument("--device")
+    p.add_argument("--amp", choices=_amp_modes(), default="none")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="icl", description="Semi-supervised segmentation with Inherent Consistent Learning")
     common = argparse.ArgumentParser(add_help=False)
@@ -86,28 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
 
     e = sub.add_parser("evaluate", parents=[common], help="evaluate a checkpoint on a split")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, nargs="+", action="extend", metavar="CKPT",
+                   help="a checkpoint, or several (an ensemble; the first names the data set and splits)")
     e.add_argument("--dataset", help="default: the checkpoint's")
     e.add_argument("--root", required=True)
     e.add_argument("--split", default="test", choices=["test", "val", "train"])
     e.add_argument("--out", required=True)
     e.add_argument("--num-classes", type=int, help="check against the checkpoint")
-    e.add_argument("--overlap", type=float, default=0.5)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device")
-    e.add_argument("--amp", choices=_amp_modes(), default="none")
+    _add_inference_args(e)
     e.add_argument("--spacing", type=float, nargs="+")
     e.add_argument("--no-progress", dest="progress", action="store_false")
 
     r = sub.add_parser("predict", parents=[common], help="segment h5 or NIfTI files")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("inputs", nargs="+", metavar="INPUT", help=".h5, .nii, .nii.gz files or folders of them")
+    r.add_argument("--checkpoint", required=True, nargs="+", action="extend", metavar="CKPT",
+                   help="a checkpoint, or several (an ensemble: probabilities averaged)")
+    r.add_argument("inputs", nargs="*", metavar="INPUT", help=".h5, .nii, .nii.gz files or folders of them")
     r.add_argument("--out", required=True)
-    r.add_argument("--overlap", type=float, default=0.5)
-    r.add_argument("--batch-size", type=int, default=8)
+    _add_inference_args(r)
     r.add_argument("--slice-axis", type=int, help="default: the checkpoint's")
-    r.add_argument("--device")
-    r.add_argument("--amp", choices=_amp_modes(), default="none")
+    r.add_argument("--save-probabilities", nargs="?", const="float16", choices=["float16", "float32"],
+                   help="also write OUT/<case>.npz: 'probabilities' [K, *spatial] on the output grid "
+                        "(default float16)")
     r.add_argument("--no-progress", dest="progress", action="store_false")
 
     x = sub.add_parser("export", parents=[common], help="write a backbone-only checkpoint (plain UNet state dict)")
@@ -215,7 +238,6 @@ def _splits_for(ckpt: Dict, source, split: str) -> List[str]:
 
 
 def cmd_evaluate(args) -> int:
-    from . import checkpoint as C
     from .data import build_source
     from .evaluate import evaluate_cases, write_results
     from .rundir import ensure_dir
@@ -224,14 +246,14 @@ def cmd_evaluate(args) -> int:
 
     device = resolve_device(args.device)
     _check_run_options(args)
-    ck = C.load(args.checkpoint)
+    ckpts, nets = _load_models(args.checkpoint, num_classes=args.num_classes)
+    ck = ckpts[0]
     mc, dc = ck["model_config"], ck.get("data_config", {})
     if args.spacing is not None and len(args.spacing) != 3:
         raise ConfigError(f"--spacing {' '.join(map(str, args.spacing))}: give 3 values (one per axis of the volumes)")
     dataset = args.dataset or dc.get("dataset")
     if not dataset:
         raise ConfigError("--dataset is required (the checkpoint does not name one)")
-    net = C.backbone_from_checkpoint(ck, num_classes=args.num_classes)
     ensure_dir(args.out)
     prep = dc.get("preprocessing") or {}
     opts = {"slice_axis": prep.get("slice_axis"), "spacing": args.spacing or dc.get("spacing")}
@@ -240,10 +262,11 @@ def cmd_evaluate(args) -> int:
                     ct_window=prep.get("ct_window"))
     source = build_source(dataset, args.root, int(mc["num_classes"]), **opts)
     names = _splits_for(ck, source, args.split)
-    net.to(device)
-    res = evaluate_cases(net, source, names, int(mc["num_classes"]), mc["patch_size"], overlap=args.overlap,
-                         batch_size=args.batch_size, device=device, amp=args.amp, progress=args.progress,
-                         desc=f"evaluate {args.split}")
+    for net in nets:
+        net.to(device)
+    res = evaluate_cases(nets if len(nets) > 1 else nets[0], source, names, int(mc["num_classes"]),
+                         mc["patch_size"], device=device, progress=args.progress, desc=f"evaluate {args.split}",
+                         **_predict_options(args))
     paths = write_results(args.out, res, prefix=f"{args.split}_")
     m = res["summary"]["mean"]
     _say(f"{args.split}: {len(names)} cases, Dice {_f(m.get('dice'))}, Jaccard {_f(m.get('jaccard'))}, "
@@ -254,13 +277,79 @@ def cmd_evaluate(args) -> int:
 def _check_run_options(args) -> None:
     """Ranges of the inference options shared by evaluate and predict."""
     from .errors import ConfigError
+    from .inference import WINDOW_PRESETS
 
-    if not 0.0 <= args.overlap < 1.0:
-        raise ConfigError(f"--overlap must be in [0, 1), got {args.overlap}")
+    for o in args.overlap or ():
+        if not 0.0 <= o < 1.0:
+            raise ConfigError(f"--overlap must be in [0, 1), got {o}")
+    for st in args.stride or ():
+        if st < 1:
+            raise ConfigError(f"--stride must be positive voxel steps, got {st}")
+    for flag, v in (("--overlap", args.overlap), ("--stride", args.stride)):
+        if v is not None and len(v) not in (1, 3):
+            raise ConfigError(f"{flag} {' '.join(map(str, v))}: give 1 value or 3 (one per axis)")
+    if args.overlap is not None and args.stride is not None:
+        raise ConfigError("--overlap and --stride: give one of them (both place the windows)")
+    if args.window_preset is not None:
+        preset = WINDOW_PRESETS[args.window_preset]
+        given = [f for f, v in (("--overlap", args.overlap), ("--stride", args.stride),
+                                ("--window-weighting", args.window_weighting), ("--blend", args.blend))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"--window-preset {args.window_preset} sets {', '.join(sorted(preset))}; "
+                              f"drop {', '.join(given)} or the preset")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        raise ConfigError(f"--sw-batch-size must be positive, got {args.sw_batch_size}")
     if getattr(args, "slice_axis", None) is not None and args.slice_axis not in (0, 1, 2):
         raise ConfigError(f"--slice-axis {args.slice_axis}: expected 0, 1 or 2 (an axis of the volumes)")
+
+
+def _predict_options(args) -> Dict:
+    """``icl.predict`` keyword arguments from the inference flags (after _check_run_options)."""
+    from .inference import SW_BATCH_SIZE, WINDOW_PRESETS
+
+    opts = {"overlap": 0.5, "stride": None, "weighting": "constant", "blend": "probabilities",
+            "sw_batch_size": SW_BATCH_SIZE}
+    if args.window_preset is not None:
+        preset = dict(WINDOW_PRESETS[args.window_preset])
+        opts.update(preset)
+    for key, v in (("overlap", args.overlap), ("stride", args.stride), ("weighting", args.window_weighting),
+                   ("blend", args.blend), ("sw_batch_size", args.sw_batch_size)):
+        if v is not None:
+            opts[key] = tuple(v) if isinstance(v, list) else v
+    opts.update(tta=args.tta, batch_size=args.batch_size, amp=args.amp)
+    return opts
+
+
+#: What every member of an ensemble must share: (section, key) of the checkpoint.
+ENSEMBLE_KEYS = (("model_config", "num_classes"), ("model_config", "in_channels"), ("model_config", "patch_size"),
+                 ("data_config", "interpolation"), ("preprocessing", "layout"), ("preprocessing", "slice_axis"),
+                 ("preprocessing", "normalization"), ("preprocessing", "ct_window"),
+                 ("preprocessing", "target_spacing"))
+
+
+def _ensemble_field(ck: Dict, section: str, key: str):
+    dc = ck.get("data_config") or {}
+    part = (dc.get("preprocessing") or {}) if section == "preprocessing" else (ck.get(section) or {})
+    v = part.get(key)
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _load_models(paths: Sequence[str], num_classes: Optional[int] = None):
+    """Checkpoints and their inference networks; an ensemble's members must agree on classes and geometry."""
+    from . import checkpoint as C
+    from .errors import ConfigError
+
+    ckpts = [C.load(p) for p in paths]
+    for p, ck in zip(paths[1:], ckpts[1:]):
+        for section, key in ENSEMBLE_KEYS:
+            a, b = _ensemble_field(ckpts[0], section, key), _ensemble_field(ck, section, key)
+            if a != b:
+                raise ConfigError(f"--checkpoint {paths[0]} and {p} differ in {key} ({a} vs {b}); an ensemble "
+                                  f"needs one set of classes and one geometry")
+    return ckpts, [C.backbone_from_checkpoint(ck, num_classes=num_classes) for ck in ckpts]
 
 
 def _collect_inputs(inputs: Sequence[str]):
@@ -335,66 +424,107 @@ def _check_output_names(out: str, h5s: Sequence[str], niis) -> None:
         owner[target] = source
 
 
+def _split_inputs(args) -> None:
+    """``--checkpoint A.pt B.pt case.nii.gz``: argparse gives the inputs to --checkpoint; inputs
+    (.h5, .nii, .nii.gz, folders) at its end are moved back to INPUT."""
+    from .errors import ConfigError
+
+    ck = list(args.checkpoint)
+    moved = []
+    while len(ck) > 1 and (ck[-1].endswith((".h5", ".nii", ".nii.gz")) or os.path.isdir(ck[-1])):
+        moved.insert(0, ck.pop())
+    args.checkpoint, args.inputs = ck, moved + list(args.inputs)
+    if not args.inputs:
+        raise ConfigError("INPUT: give at least one .h5, .nii or .nii.gz file or folder to predict")
+
+
+def _save_probabilities(path: str, probs, dtype: str, affine=None) -> str:
+    """``probabilities`` [K, *spatial] in ``dtype`` (and the input's ``affine`` for NIfTI) in a compressed npz."""
+    import numpy as np
+
+    tmp = path[:-4] + ".tmp.npz"
+    extra = {"affine": np.asarray(affine, dtype=np.float64)} if affine is not None else {}
+    np.savez_compressed(tmp, probabilities=probs.astype(dtype), **extra)
+    os.replace(tmp, path)
+    return path
+
+
 def cmd_predict(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from . import checkpoint as C
     from .data import load_nifti_case, read_h5, write_h5, write_nifti
     from .data.io import h5_image_info
     from .errors import ConfigError
-    from .evaluate import restore_geometry
     from .inference import predict
     from .rundir import ensure_dir
     from .validate import resolve_device
 
     device = resolve_device(args.device)
     _check_run_options(args)
+    _split_inputs(args)
     files = _collect_inputs(args.inputs)
     out_real = os.path.realpath(args.out)
     clash = [f for f in files if os.path.realpath(os.path.dirname(os.path.abspath(f))) == out_real]
     if clash:  # predictions take the input's name: they would replace the inputs
         raise ConfigError(f"--out {args.out}: holds the input {clash[0]}, which its prediction would replace; "
                           f"choose another --out")
-    ck = C.load(args.checkpoint)
+    ckpts, nets = _load_models(args.checkpoint)
+    ck = ckpts[0]
     mc = ck["model_config"]
     prep = (ck.get("data_config") or {}).get("preprocessing") or {}
-    net = C.backbone_from_checkpoint(ck)
     ensure_dir(args.out)
-    net.to(device)
+    for net in nets:
+        net.to(device)
+    model = nets if len(nets) > 1 else nets[0]
     in_ch = int(mc["in_channels"])
     slice_axis = args.slice_axis if args.slice_axis is not None else prep.get("slice_axis", 0)
     h5s = [f for f in files if f.endswith(".h5")]
     niis = _nifti_groups([f for f in files if not f.endswith(".h5")], in_ch)
     _check_output_names(args.out, h5s, niis)
+    if args.save_probabilities:
+        owner: Dict[str, str] = {}
+        for stem, src in [(os.path.basename(f)[:-3], f) for f in h5s] + [(n, ps[0]) for n, ps in niis]:
+            if stem in owner:
+                raise ConfigError(f"INPUT {owner[stem]} and {src}: both probabilities would be written to "
+                                  f"{os.path.join(args.out, stem + '.npz')}; predict them into different --out folders")
+            owner[stem] = src
     K = int(mc["num_classes"])
     dtype = np.uint8 if K <= 255 else np.int16
+    opts = dict(_predict_options(args), patch_size=mc["patch_size"], slice_axis=slice_axis, device=device,
+                return_probs=bool(args.save_probabilities))
     written = []
     nifti_prep = prep if prep.get("layout") == "nifti" else {"normalization": None}
     h5_info = {f: h5_image_info(f) for f in h5s}  # every input readable before the first prediction is written
+
+    def run(image, output_shape=None):
+        got = predict(model, image, output_shape=output_shape, **opts)
+        return got if args.save_probabilities else (got, None)
+
     bar = tqdm(total=len(h5s) + len(niis), desc="predict", disable=not args.progress)
     for f in h5s:
         nd, attrs = h5_info[f]
         vol_dims = 2 if nd is not None and ((in_ch == 1 and nd == 2) or (in_ch > 1 and nd == 3)) else 3
         image, _ = read_h5(f, vol_dims, None, need_label=False)
-        pred = predict(net, image, patch_size=mc["patch_size"], slice_axis=slice_axis, overlap=args.overlap,
-                       batch_size=args.batch_size, device=device, amp=args.amp)
+        pred, probs = run(image)
         out = os.path.join(args.out, os.path.basename(f))
         write_h5(out, None, pred.astype(dtype), **{k: v for k, v in attrs.items()})
         written.append(out)
+        if probs is not None:
+            _save_probabilities(out[:-3] + ".npz", probs, args.save_probabilities)
         bar.update(1)
     for name, paths in niis:
         case = load_nifti_case(paths, None, nifti_prep, name=name)
-        pred = predict(net, case.image, patch_size=mc["patch_size"], slice_axis=slice_axis, overlap=args.overlap,
-                       batch_size=args.batch_size, device=device, amp=args.amp)
-        pred = restore_geometry(pred, case)
+        pred, probs = run(case.image, output_shape=case.meta.get("original_shape"))
         ending = ".nii.gz" if paths[0].endswith(".nii.gz") else ".nii"
         out = os.path.join(args.out, name + ending)
         write_nifti(out, pred.astype(dtype), case.affine, case.meta.get("header"))
         written.append(out)
+        if probs is not None:
+            _save_probabilities(os.path.join(args.out, name + ".npz"), probs, args.save_probabilities, case.affine)
         bar.update(1)
     bar.close()
-    _say(f"wrote {len(written)} prediction(s) to {args.out}")
+    _say(f"wrote {len(written)} prediction(s) to {args.out}" + (" with probabilities" if args.save_probabilities else ""))
     return 0
 
 

@@ -1,7 +1,8 @@
 """Evaluation of a segmentation network on the cases of a split.
 
 Per case: predict (``icl.inference.predict``), map the prediction back to the
-case's original grid when the data was resampled, and compute Dice, Jaccard,
+case's original grid when the data was resampled (class probabilities
+resampled linearly, then the argmax), and compute Dice, Jaccard,
 HD95 and ASD per foreground class (``icl.metrics``; HD95/ASD in mm when the
 data has a spacing, voxels otherwise). Results: a per-case CSV and a summary JSON.
 """
@@ -22,11 +23,17 @@ from .inference import predict
 
 
 def restore_geometry(pred: np.ndarray, case: Case) -> np.ndarray:
-    """A prediction on the model grid -> the case's original grid (nearest neighbour)."""
+    """A label map on the model grid -> the case's original grid by nearest neighbour (the
+    old path; ``evaluate_cases`` and ``icl predict`` resample probabilities instead)."""
     shape = case.meta.get("original_shape") if case.meta else None
     if shape is not None and tuple(pred.shape) != tuple(shape):
         return pp.resample_label(pred, shape)
     return pred
+
+
+#: How a prediction on a resampled grid returns to the case's grid: class probabilities
+#: resampled linearly, then the argmax (default); or the argmax, then nearest neighbour.
+RESTORE_MODES = ("probabilities", "labels")
 
 
 def evaluate_cases(
@@ -35,7 +42,7 @@ def evaluate_cases(
     names: Sequence[str],
     num_classes: int,
     patch_size: Sequence[int],
-    overlap: float = 0.5,
+    overlap=0.5,
     batch_size: int = 8,
     device=None,
     amp: str = "none",
@@ -43,21 +50,30 @@ def evaluate_cases(
     desc: str = "evaluate",
     keep_predictions: int = 0,
     interpolation=None,
+    restore: str = "probabilities",
+    **predict_options,
 ) -> Dict:
-    """Evaluate ``model`` on the named cases of ``source``.
+    """Evaluate ``model`` (or a list of models: an ensemble) on the named cases of ``source``.
 
     ``interpolation``: how 2D models resize slices (see ``icl.predict``; None: the model's).
+    ``restore``: one of RESTORE_MODES, for cases whose data was resampled.
+    ``predict_options``: further ``icl.predict`` arguments (stride, weighting, blend,
+    sw_batch_size, tta, ...).
     Returns {"cases": [(name, per-class dict)], "summary": metrics.summarize(...),
     "examples": [(case, prediction)] for the first ``keep_predictions`` cases}.
     """
     from tqdm import tqdm
 
+    if restore not in RESTORE_MODES:
+        raise ValueError(f"evaluate: restore must be one of {', '.join(RESTORE_MODES)}, got {restore!r}")
     results, examples = [], []
     for name in tqdm(list(names), desc=desc, disable=not progress, leave=False):
         case = source.load_case(name)
+        shape = case.meta.get("original_shape") if case.meta else None
         pred = predict(model, case.image, patch_size=patch_size, slice_axis=source.slice_axis,
                        overlap=overlap, batch_size=batch_size, device=device, amp=amp,
-                       interpolation=interpolation)
+                       interpolation=interpolation, output_shape=shape if restore == "probabilities" else None,
+                       **predict_options)
         pred = restore_geometry(pred, case)
         per_class = M.evaluate_case(pred, case.label, num_classes, spacing=case.spacing)
         results.append((name, per_class))

@@ -59,16 +59,21 @@ FILLS = ("edge", "zero")
 
 
 def rotate(image, label, rng: np.random.Generator, max_angle: float = 20.0, axes=(0, 1), order: int = 1,
-           fill: str = "edge"):
+           fill: str = "edge", integer_angle: bool = False):
     """A random rotation in [-max_angle, max_angle) degrees in the plane ``axes`` (size kept).
 
-    Image: bilinear (``order=1``) or nearest (``order=0``); corners outside the
-    rotated image repeat the edge (``fill="edge"``) or are 0 (``fill="zero"``,
-    the published pipeline). Label: nearest, corners 0."""
+    The angle is uniform in that interval, or with ``integer_angle`` a whole number of
+    degrees from -max_angle to max_angle - 1 (the published pipeline draws
+    ``randint(-20, 20)``). Image: bilinear (``order=1``) or nearest (``order=0``);
+    corners outside the rotated image repeat the edge (``fill="edge"``) or are 0
+    (``fill="zero"``, the published pipeline). Label: nearest, corners 0."""
     if fill not in FILLS:
         raise ValueError(f"rotate: fill must be 'edge' or 'zero', got {fill!r}")
     mode = "nearest" if fill == "edge" else "constant"
-    angle = float(rng.uniform(-max_angle, max_angle))
+    if integer_angle:
+        angle = float(rng.integers(-int(max_angle), int(max_angle)))
+    else:
+        angle = float(rng.uniform(-max_angle, max_angle))
     a0, a1 = axes
     image = np.stack(
         [ndimage.rotate(c, angle, axes=(a0, a1), order=order, reshape=False, mode=mode, cval=0.0) for c in image]
@@ -221,8 +226,9 @@ class TrainAugment:
 
     2D: with probability 1/2 a random rot90 + flip, else with probability 1/2 a
     random rotation in [-20, 20) degrees; then resize to the patch. Image
-    resampling: ``interpolation="linear"`` (default: bilinear) or ``"nearest"``
-    (published: ``zoom``/``rotate`` with order 0); rotated corners: ``fill="edge"``
+    resampling: ``interpolation="linear"`` (default: bilinear, angles drawn as
+    floats) or ``"nearest"`` (published: ``zoom``/``rotate`` with order 0 and whole-degree
+    angles -20 .. 19, as ``randint(-20, 20)``); rotated corners: ``fill="edge"``
     (default) or ``"zero"`` (published). Labels are always nearest.
     3D: random rot90 (in the first two axes) + flip, then a random crop of the
     patch (padding axes that are too short).
@@ -248,7 +254,8 @@ class TrainAugment:
             if u < 0.5:
                 image, label = rot_flip(image, label, rng)
             elif rng.random() < 0.5:
-                image, label = rotate(image, label, rng, self.max_angle, order=order, fill=self.fill)
+                image, label = rotate(image, label, rng, self.max_angle, order=order, fill=self.fill,
+                                      integer_angle=self.interpolation == "nearest")
             image, label = resize(image, label, self.patch_size, order=order)
         else:
             image, label = rot_flip(image, label, rng)
