@@ -12,6 +12,14 @@ a synthetic task (``--task``):
     python -m benches.ssl --task lesions        # the committed lesion table
     python -m benches.ssl --quick               # a smoke run (tiny population, a few iterations)
     python -m benches.ssl --methods supervised,icl --seeds 1 --iterations 500
+    python -m benches.ssl --task lesions --profile gpu   # paper-like scale on one GPU (about 8 minutes)
+    python -m benches.ssl --task lesions --profile gpu --dry-run   # its plan, without running
+
+``--profile gpu`` (lesions) sets 128x128 slices, 3000 iterations (validation every 300), the
+device ``cuda`` and 14 runs side by side as separate processes with one CPU
+thread each (a 16-core GPU machine; eager training at this size is bound by the
+host, so runs in parallel share the GPU well), results under
+``benches/results/<gpu name>/ssl-lesions``; every value it sets can still be given.
 
 Every run is one ``icl train`` subprocess (same backbone, data pipeline, labeled
 slices, iterations, weak augmentation and evaluation for every method), with
@@ -93,6 +101,7 @@ METHODS: Dict[str, tuple] = {
     "full": ("fully supervised (all training slices labeled)", ["--method", "supervised"], "all"),
 }
 DEFAULT_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "icl-ws", "full"]
+LESION_METHODS = ["supervised", "mean-teacher", "fixmatch", "icl", "full"]
 
 COLUMNS = ["method", "seed", "labeled_slices", "dice_mean", "dice_gm", "dice_wm", "dice_t1", "dice_other",
            "hd95_mean", "val_dice", "best_iteration", "iterations", "wall_s", "it_per_s", "threads", "git_commit",
@@ -108,6 +117,19 @@ TASKS: Dict[str, Dict] = {
                 "size": 64, "budgets": "1,3", "budget_unit": "labeled subjects (all their slices)",
                 "out": os.path.join("benches", "results", "cpu", "ssl-lesions")},
 }
+for _task, _its in (("brain", 1000), ("lesions", 1500)):
+    TASKS[_task]["iterations"] = _its
+# what --profile sets unless given (gpu: sized for about 8 minutes of one H100/H200 with 16 cores:
+# 27 runs in two waves of 14)
+PROFILES: Dict[str, Dict] = {"cpu": {}, "gpu": {"size": 128, "iterations": 3000, "val_every": 300, "jobs": 14,
+                                                "device": "cuda"}}
+
+
+def _gpu_folder() -> str:
+    """benches/results/<this>: the GPU's folder as the GPU check names it, else 'gpu'."""
+    from .gpu_check import gpu_info
+
+    return gpu_info()["slug"] or "gpu"
 
 
 def _git_commit() -> str:
@@ -126,17 +148,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benches.ssl", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="brain", choices=list(TASKS),
                    help="brain: tissue on the brain population (default); lesions: lesions, one contrast family")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--profile", default="cpu", choices=list(PROFILES),
+                   help="cpu: the committed CPU tables (default); gpu: paper-like scale on one GPU (lesions)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs (their icl train commands) and stop")
+    p.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default "
+                                     f"{','.join(DEFAULT_METHODS)}; for lesions {','.join(LESION_METHODS)})")
     p.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (default 3)")
     p.add_argument("--budgets", help="comma-separated labeled budgets: slices of one subject for brain (default 2), "
                                      "subjects for lesions (default 1,3)")
-    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--iterations", type=int, help="per run (default 1000; 1500 for lesions; 3000 with --profile gpu)")
     p.add_argument("--batch-size", type=int, default=8, help="per step; half of it labeled (default 8)")
     p.add_argument("--size", type=int, help="slice size in pixels, a multiple of 16 (default 48 for brain, "
                                             "64 for lesions)")
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--val-every", type=int, help="validation interval (default 100; 300 with --profile gpu)")
+    p.add_argument("--jobs", type=int, help="runs at a time (default 2; 14 with --profile gpu)")
     p.add_argument("--threads", type=int, default=1, help="OMP/torch threads per run (default 1)")
     p.add_argument("--out", help="results folder (default benches/results/cpu/ssl for brain, "
                                  "benches/results/cpu/ssl-lesions for lesions)")
@@ -145,15 +170,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny population and 20 iterations (smoke test)")
     p.add_argument("--csv", help="also write the runs CSV here")
     p.add_argument("--plot", help="also write the plot (PNG) here")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="cpu (default) or cuda (the default of --profile gpu)")
     p.add_argument("--fresh", action="store_true",
                    help="rerun the requested runs, ignoring their earlier results in --out")
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = ",".join(LESION_METHODS if args.task == "lesions" else DEFAULT_METHODS)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     task = TASKS[args.task]
-    args.budgets = task["budgets"] if args.budgets is None else args.budgets
-    args.size = task["size"] if args.size is None else args.size
-    args.out = task["out"] if args.out is None else args.out
+    if args.profile == "gpu" and args.task != "lesions":
+        p.error("--profile gpu: defined for --task lesions only")
+    defaults = dict(budgets=task["budgets"], size=task["size"], out=task["out"], iterations=task["iterations"],
+                    val_every=100, jobs=2, device="cpu")
+    defaults.update(PROFILES[args.profile])
+    if args.profile == "gpu":
+        defaults["out"] = os.path.join("benches", "results", _gpu_folder(), "ssl-lesions")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"--methods: unknown {bad}; expected some of {', '.join(METHODS)}")
@@ -202,11 +236,11 @@ def earlier_rows(args) -> Dict[str, Dict]:
         return {r["command"]: r for r in csv.DictReader(fh) if r.get("command")}
 
 
-def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, log, earlier=None) -> Dict:
+def run_command(args, meta: Dict, root: str, method: str, seed: int, budget: int) -> List[str]:
+    """The ``icl train`` command line of one run (its identity: runs.csv rows are reused by it)."""
     label, extra, labeled = METHODS[method]
     n_train = meta["counts"]["train_slices"]
     run_dir = os.path.join(args.out, "runs", f"{method}-b{budget}-s{seed}")
-    metrics_path = os.path.join(run_dir, "metrics.json")
     size = meta["params"]["size"]
     if labeled == "all":
         labels = ["--labeled-fraction", repr(1.0)]
@@ -223,6 +257,15 @@ def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, l
            "--max-iterations", str(args.iterations), "--val-every", str(args.val_every), "--save-every", "0",
            "--intensity-aug", "default", "--seed", str(seed), "--num-workers", "0", "--device", args.device,
            "--out", run_dir, "--no-progress"] + extra
+    return cmd
+
+
+def _run_one(args, meta: Dict, root: str, method: str, seed: int, budget: int, log, earlier=None) -> Dict:
+    label, extra, labeled = METHODS[method]
+    n_train = meta["counts"]["train_slices"]
+    run_dir = os.path.join(args.out, "runs", f"{method}-b{budget}-s{seed}")
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    cmd = run_command(args, meta, root, method, seed, budget)
     command = " ".join(shlex.quote(c) for c in cmd[1:])
     wall = None
     done = None
@@ -419,14 +462,25 @@ def main(argv=None) -> int:
     else:
         from icl.demo.population import build_population as build
 
-    os.makedirs(args.out, exist_ok=True)
+    if not args.dry_run:
+        os.makedirs(args.out, exist_ok=True)
     root = args.data_dir or os.path.join(args.out, "data")
     t0 = time.perf_counter()
-    meta = build(root, population_spec(args))
-    earlier = earlier_rows(args)
+    spec = population_spec(args)
+    if args.dry_run:  # what the commands need, without building the population
+        per = spec.train_slices
+        subjects = spec.train_subjects if args.task == "lesions" else spec.unlabeled_subjects + 1
+        meta = {"params": spec.params(), "counts": {"train": subjects, "train_slices": subjects * per}}
+    else:
+        meta = build(root, spec)
+    earlier = {} if args.dry_run else earlier_rows(args)
     jobs = [(m, s, b) for b in args.budgets for s in range(args.seeds) for m in args.methods
             if not (METHODS[m][2] == "all" and b != args.budgets[0])]
     print(f"{len(jobs)} run(s), {args.jobs} at a time, {args.threads} thread(s) each", flush=True)
+    if args.dry_run:
+        for m, s_, b in jobs:
+            print(f"{m} budget {b} seed {s_}: {shlex.join(run_command(args, meta, root, m, s_, b)[1:])}")
+        return 0
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)

@@ -175,6 +175,44 @@ def test_ssl_benchmark_quick(tmp_path):
     assert bad.returncode == 2 and "--methods" in bad.stderr
 
 
+def test_ssl_lesion_task_quick_and_gpu_profile_plan(tmp_path):
+    """`--task lesions`: budgets count labeled subjects (--labeled-num, all their slices), the
+    table has lesion Dice; `--profile gpu --dry-run` plans the paper-scale runs (128x128, 3000
+    iterations, cuda, 14 side by side) without building or running; the same profile runs on
+    the CPU with --quick --device cpu (its dry run here)."""
+    pytest.importorskip("nilearn", reason="the population is built from the template in the nilearn wheel")
+    out = tmp_path / "les"
+    cmd = [sys.executable, "-m", "benches.ssl", "--task", "lesions", "--quick", "--seeds", "1", "--jobs", "2",
+           "--out", str(out), "--methods", "supervised,icl,full", "--budgets", "1,2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(out / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["method"], r["labeled_subjects"]) for r in rows] == [
+        ("supervised", "1"), ("icl", "1"), ("full", "4"), ("supervised", "2"), ("icl", "2")]
+    assert all(r["task"] == "lesions" and 0.0 <= float(r["dice_lesion"]) <= 1.0 for r in rows)
+    assert "--labeled-num 2" in rows[-1]["command"] and "--num-classes 2" in rows[-1]["command"]
+    summary = (out / "summary.md").read_text()
+    assert "test Dice (lesion)" in summary and "| 2 (6) |" in summary
+    plan = subprocess.run([sys.executable, "-m", "benches.ssl", "--task", "lesions", "--profile", "gpu", "--dry-run",
+                           "--out", str(tmp_path / "gpu")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    lines = plan.stdout.splitlines()
+    assert lines[0].startswith("27 run(s), 14 at a time")
+    assert all("--patch-size 128 128" in ln and "--max-iterations 3000" in ln and "--device cuda" in ln
+               for ln in lines[1:]) and len(lines) == 28
+    assert not (tmp_path / "gpu").exists()  # a dry run builds nothing
+    dry = subprocess.run([sys.executable, "-m", "benches.ssl", "--task", "lesions", "--profile", "gpu", "--quick",
+                          "--device", "cpu", "--jobs", "2", "--seeds", "1", "--budgets", "1",
+                          "--methods", "supervised", "--out", str(tmp_path / "gpu")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-3000:]
+    assert (tmp_path / "gpu" / "summary.md").is_file()
+    bad = subprocess.run([sys.executable, "-m", "benches.ssl", "--profile", "gpu", "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--profile gpu" in bad.stderr
+
+
 def test_proxy_attention_crossover_interleaved_quick(tmp_path):
     """--crossover (the sweep behind auto's CPU rule) with --interleave (providers of a
     shape timed in turn): every provider gets a time per shape, rows keep the CSV contract."""
