@@ -276,3 +276,16 @@ def test_published_rotation_draws_whole_degrees():
             break
         else:
             pytest.fail("no seed drew a rotation")
+
+
+def test_resampling_bench_quick_favours_probabilities(tmp_path):
+    """benches.resampling --quick: on a coarse model grid the probability path beats nearest labels."""
+    from benches import resampling
+
+    rows = resampling.run(resampling.QUICK)
+    for oracle in ("labels", "soft"):
+        old = np.mean([r["dice"] for r in rows if r["oracle"] == oracle and r["path"] == "nearest-labels"])
+        new = np.mean([r["dice"] for r in rows if r["oracle"] == oracle and r["path"] == "probabilities"])
+        assert new > old + 0.01, (oracle, old, new)
+    resampling.main(["--quick", "--csv", str(tmp_path / "r.csv"), "--txt", str(tmp_path / "r.txt")])
+    assert (tmp_path / "r.csv").read_text().startswith("case,model_grid,oracle,path,class,dice,hd95_mm")
