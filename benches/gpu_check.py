@@ -29,6 +29,8 @@ started (the summary says so):
 6. ``summary.md``: what ran, how long, what failed, the training table (ms per
    iteration, peak memory, speed-up over the published formulation), the
    kernel speed-ups.
+Last, ``benches.inference`` (whole-case prediction, icl against MONAI; outside the
+full budget: ask for it with ``--only bench-inference``).
 
 OUTDIR defaults to ``benches/results/<gpu-name>/``.  Budget on one H100/H200:
 under 9 minutes including the build, ``--quick`` under 3 (the GPU tests minus
@@ -218,6 +220,12 @@ def plan(outdir: str, quick: bool, build: bool, arch: str) -> List[Step]:
          "--csv", os.path.join(outdir, "prototype_update.csv"), "--plot", os.path.join(plots, "prototype_update"),
          "--min-time", "0.1"],
         "bench_prototype_update.txt", 90, expect_s=75))  # over 45 s on an H200 (cut there)
+    # whole-case prediction (icl.predict against MONAI's sliding_window_inference, 2D and 3D,
+    # up to 96^3 windows): not yet run on a GPU; ~10 s start-up + 4 shapes x 6 providers of
+    # well under a second per case each: ~40 s expected
+    steps.append(Step("bench-inference", [py, "-m", "benches.inference", "--device", "cuda", "--min-time", "0.1",
+                                          "--csv", os.path.join(outdir, "inference.csv")],
+                      "bench_inference.txt", 90, expect_s=40))
     return steps
 
 
