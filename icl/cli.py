@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     _add_inference_args(r)
     r.add_argument("--slice-axis", type=int, help="default: the checkpoint's")
-    r.add_argument("--save-probabilities", nargs="?", const="float16", choices=["float16", "float32"],
-                   help="also write OUT/<case>.npz: 'probabilities' [K, *spatial] on the output grid "
-                        "(default float16)")
+    r.add_argument("--save-probabilities", action="store_true",
+                   help="also write OUT/<case>.npz: 'probabilities' [K, *spatial] on the output grid")
+    r.add_argument("--probabilities-dtype", choices=["float16", "float32"], default="float16",
+                   help="dtype of the saved probabilities (default float16)")
     r.add_argument("--no-progress", dest="progress", action="store_false")
 
     x = sub.add_parser("export", parents=[common], help="write a backbone-only checkpoint (plain UNet state dict)")
@@ -511,7 +512,7 @@ def cmd_predict(args) -> int:
         write_h5(out, None, pred.astype(dtype), **{k: v for k, v in attrs.items()})
         written.append(out)
         if probs is not None:
-            _save_probabilities(out[:-3] + ".npz", probs, args.save_probabilities)
+            _save_probabilities(out[:-3] + ".npz", probs, args.probabilities_dtype)
         bar.update(1)
     for name, paths in niis:
         case = load_nifti_case(paths, None, nifti_prep, name=name)
@@ -521,7 +522,8 @@ def cmd_predict(args) -> int:
         write_nifti(out, pred.astype(dtype), case.affine, case.meta.get("header"))
         written.append(out)
         if probs is not None:
-            _save_probabilities(os.path.join(args.out, name + ".npz"), probs, args.save_probabilities, case.affine)
+            _save_probabilities(os.path.join(args.out, name + ".npz"), probs, args.probabilities_dtype,
+                                case.affine)
         bar.update(1)
     bar.close()
     _say(f"wrote {len(written)} prediction(s) to {args.out}" + (" with probabilities" if args.save_probabilities else ""))

@@ -62,7 +62,8 @@ def test_saved_probabilities_match_the_labels_and_geometry(runs, tmp_path, capsy
     # float16 rounding may flip the argmax only where the two best classes are within its resolution
     assert ((am == labels) | (top2[1] - top2[0] <= 2e-3)).all()
     code, err = _run(["predict", "--checkpoint", runs["a"], runs["src"], "--out", str(tmp_path / "p32"),
-                      "--no-progress", "--save-probabilities", "float32", "--window-weighting", "gaussian",
+                      "--no-progress", "--save-probabilities", "--probabilities-dtype", "float32",
+                      "--window-weighting", "gaussian",
                       "--overlap", "0.5", "0.5", "0.25"], capsys)
     assert code == 0, err
     with np.load(tmp_path / "p32" / "synth_006.npz") as z:
@@ -74,18 +75,18 @@ def test_saved_probabilities_match_the_labels_and_geometry(runs, tmp_path, capsy
 def test_ensemble_and_mirroring(runs, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _run(["predict", "--checkpoint", runs["a"], runs["src"], "--out", str(one), "--no-progress",
-                 "--save-probabilities", "float32"], capsys)[0] == 0
+                 "--save-probabilities", "--probabilities-dtype", "float32"], capsys)[0] == 0
     code, err = _run(["predict", "--checkpoint", runs["a"], runs["a"], runs["src"], "--out", str(two),
-                      "--no-progress", "--save-probabilities", "float32"], capsys)
+                      "--no-progress", "--save-probabilities", "--probabilities-dtype", "float32"], capsys)
     assert code == 0, err
     with np.load(one / "synth_006.npz") as x, np.load(two / "synth_006.npz") as y:
         np.testing.assert_allclose(x["probabilities"], y["probabilities"], atol=1e-6)
     # two different members: the mean of their probabilities
     code, err = _run(["predict", "--checkpoint", runs["b"], "--out", str(tmp_path / "b"), runs["src"],
-                      "--no-progress", "--save-probabilities", "float32"], capsys)
+                      "--no-progress", "--save-probabilities", "--probabilities-dtype", "float32"], capsys)
     assert code == 0, err
     code, err = _run(["predict", "--checkpoint", runs["a"], "--checkpoint", runs["b"], "--out", str(tmp_path / "ab"),
-                      runs["src"], "--no-progress", "--save-probabilities", "float32"], capsys)
+                      runs["src"], "--no-progress", "--save-probabilities", "--probabilities-dtype", "float32"], capsys)
     assert code == 0, err
     with np.load(one / "synth_006.npz") as x, np.load(tmp_path / "b" / "synth_006.npz") as y, \
             np.load(tmp_path / "ab" / "synth_006.npz") as z:

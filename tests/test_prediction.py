@@ -289,3 +289,29 @@ def test_resampling_bench_quick_favours_probabilities(tmp_path):
         assert new > old + 0.01, (oracle, old, new)
     resampling.main(["--quick", "--csv", str(tmp_path / "r.csv"), "--txt", str(tmp_path / "r.txt")])
     assert (tmp_path / "r.csv").read_text().startswith("case,model_grid,oracle,path,class,dice,hd95_mm")
+
+
+def test_inference_bench_quick_writes_the_csv_contract(tmp_path):
+    """python -m benches.inference --quick: a row per provider and metric, icl equal to MONAI."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    from benches.common import COLUMNS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
+    out = tmp_path / "i.csv"
+    proc = subprocess.run([sys.executable, "-m", "benches.inference", "--quick", "--csv", str(out), "--min-time", "0.01"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == COLUMNS
+    times = [r for r in rows if r["metric"] == "time"]
+    assert {r["provider"] for r in times} >= {"icl-constant", "icl-gaussian", "icl-flip"}
+    assert all(float(r["p50"]) > 0 and r["unit"] == "ms" for r in times if not r["unit"].startswith("skipped"))
+    for r in rows:
+        if r["metric"] == "max_abs_diff":
+            assert float(r["unit"].split()[1]) < 1e-5, r
