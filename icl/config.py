@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -181,6 +182,9 @@ class TrainConfig:
     model: str = option("unet", M, "backbone (swinunetr: MONAI's, pip install 'icl-kernels[monai]')",
                         choices=_models)
     model_options: Optional[Dict[str, Any]] = option(None, M, flag=None)
+    pretrained: Optional[str] = option(None, M, "initial backbone weights (swinunet: an ImageNet Swin-T checkpoint "
+                                                "such as swin_tiny_patch4_window7_224.pth); same as model_options "
+                                                "pretrained", metavar="FILE")
     method: str = option("icl", M, choices=_methods)
     icl_views: str = option("one", M, "icl: one view of the unlabeled batch (published), weak targets for USCL on "
                                       "a strong view, also for the backbone's strong-view prediction (all), or plus "
@@ -272,11 +276,24 @@ class TrainConfig:
         returns self."""
         from .validate import check_config
 
+        if self.pretrained:  # the builders read it from model_options
+            given = (self.model_options or {}).get("pretrained")
+            if given and given != self.pretrained:
+                raise ConfigError(f"--pretrained {self.pretrained} and model_options pretrained {given} differ; "
+                                  f"give one")
+            self.model_options = dict(self.model_options or {}, pretrained=self.pretrained)
+        given = (self.model_options or {}).get("pretrained")
+        if given and not os.path.isfile(str(given)):
+            raise ConfigError(f"--pretrained {given}: file not found")
         check_config(self)
         return self
 
     def model_config(self) -> Dict:
-        return {"arch": self.arch, "backbone_options": self.model_options, "in_channels": self.in_channels,
+        # initial weights are no part of the architecture: a model rebuilt from a checkpoint gets its own
+        options = self.model_options
+        if options and "pretrained" in options:
+            options = {k: v for k, v in options.items() if k != "pretrained"}
+        return {"arch": self.arch, "backbone_options": options, "in_channels": self.in_channels,
                 "num_classes": self.num_classes, "patch_size": list(self.patch_size), "mixer": self.mixer,
                 "global_queries": self.global_queries, "faithful": bool(self.faithful), "method": self.method}
 

@@ -61,6 +61,9 @@ def build_model(
         return attach(backbone, num_classes, feature_modules=spec.feature_modules, channels=channels,
                       num_heads=heads, patch_size=patch, feature_sizes=sizes, spatial_dims=dims, **head_opts)
     net = ICLNet(backbone, channels, num_classes, heads, feature_sizes=sizes, spatial_dims=dims, **head_opts)
+    if faithful and getattr(backbone, "icl_raw_tokens", False):  # published Swin-Unet: heads read its tokens as they are
+        for head in (net.sspa, net.uscl):
+            head.read_raw_tokens()
     # the training patch: what icl.predict resizes slices to / slides windows of by default
     net.patch_size = patch
     set_patch_size(backbone, patch)

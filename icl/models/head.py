@@ -305,6 +305,12 @@ class ICLHead(nn.Module):
     def num_levels(self) -> int:
         return len(self.in_channels)
 
+    def read_raw_tokens(self) -> None:
+        """Give each map's tokens to the class decoders unchanged: no 1x1 conv, no tokeniser
+        LayerNorm (the published Swin-Unet heads; their parameters exist there but are unused)."""
+        self.proj_layers = nn.ModuleList(nn.Identity() for _ in self.in_channels)
+        self.norm_layers = None
+
     def _check_feats(self, feats: Sequence[Tensor]) -> None:
         if len(feats) != self.num_levels:
             raise ValueError(f"ICLHead: expected {self.num_levels} feature maps, got {len(feats)}")

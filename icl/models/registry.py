@@ -42,6 +42,8 @@ class BackboneSpec:
     model: the ``--model`` name (several specs may share one: ``unet`` is
         ``unet2d`` for 2-D patches and ``unet3d`` for 3-D ones).
     takes_options: whether ``model_options`` / ``**options`` reach ``build``.
+    takes_patch: whether ``build`` gets the training patch as ``patch=`` (None when unknown), for
+        a network built for one input size.
     one_voxel_bottleneck: False where the bottleneck's normalisation
         (InstanceNorm) cannot train on a single voxel.
     title: a human name for messages.
@@ -56,6 +58,7 @@ class BackboneSpec:
     feature_modules: Optional[Tuple[str, ...]] = None
     model: Optional[str] = None
     takes_options: bool = True
+    takes_patch: bool = False
     one_voxel_bottleneck: bool = True
     title: str = ""
 
@@ -147,6 +150,8 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, patch_size: Op
         problem = spec.patch_problem(patch_size)
         if problem:
             raise ValueError(f"build_backbone: patch_size {tuple(int(p) for p in patch_size)}: {problem}")
+    if spec.takes_patch:
+        opts["patch"] = None if patch_size is None else tuple(int(p) for p in patch_size)
     return spec.builder()(int(in_channels), int(num_classes), int(dims), **opts)
 
 
@@ -167,3 +172,7 @@ register_backbone(BackboneSpec(
     "swinunetr", "icl.models.swinunetr:build_swinunetr", spatial_dims=(2, 3), patch_multiple=32,
     strides=_swinunetr.SWINUNETR_STRIDES, layout=_swinunetr.swinunetr_layout,
     feature_modules=_swinunetr.SWINUNETR_FEATURES, one_voxel_bottleneck=False, title="MONAI SwinUNETR"))
+register_backbone(BackboneSpec(
+    "swinunet", "icl.models.swinunet:build_swinunet", spatial_dims=(2,), patch_multiple=32, strides=(16, 8, 4),
+    layout=lambda o: importlib.import_module("icl.models.swinunet").swinunet_layout(o), takes_patch=True,
+    title="Swin-Unet"))
