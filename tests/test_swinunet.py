@@ -375,3 +375,45 @@ def test_cli_training_run_with_pretrained(tmp_path, capsys):
                  "--num-classes", "4", "--pretrained", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r2")])
     err = capsys.readouterr().err
     assert code == 2 and "--pretrained" in err and "nope.pth" in err and "not found" in err, err
+
+
+# -- the published recipe -------------------------------------------------------------------------
+
+
+def test_published_recipe(tmp_path):
+    import re
+
+    import yaml
+
+    from icl import checkpoint as C
+    from icl.data import make_synthetic
+    from icl.train import TrainConfig, train
+
+    path = os.path.join(os.path.dirname(DATA), "..", "configs", "acdc_2d_swinunet_published.yaml")
+    text = open(path).read()
+    raw = yaml.safe_load(text)
+    cfg = TrainConfig.from_dict(raw, origin="recipe")
+    assert (cfg.model, cfg.patch_size, cfg.model_options, cfg.pretrained) == ("swinunet", [224, 224], None, None)
+    assert (cfg.base_lr, cfg.max_iterations, cfg.batch_size, cfg.labeled_bs, cfg.seed) == (0.1, 30000, 16, 8, 1337)
+    assert (cfg.mixer, cfg.faithful, cfg.global_queries, cfg.max_mixer_params) == ("mlp", True, "batch", None)
+    assert tuple(cfg.loss_weights[k] for k in ("supervised", "auxiliary", "pseudo", "consistency")) == (1, 1, 1, 50)
+    assert (cfg.interpolation, cfg.fill, cfg.momentum, cfg.weight_decay) == ("nearest", "zero", 0.9, 1e-4)
+    header = " ".join(l.lstrip("#").strip() for l in text.splitlines() if l.startswith("#"))
+    numbers = [int(n.replace(",", "")) for n in re.findall(r"(\d{1,3}(?:,\d{3})+)", header)]
+    with torch.device("meta"):
+        net = build_model("swinunet", 1, 4, (224, 224), mixer="mlp", faithful=True, max_mixer_params=None)
+    mixers = sum(p.numel() for n, p in net.named_parameters() if ".mlp2." in n or ".norm3." in n)
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert numbers == [mixers, total, sum(p.numel() for p in net.backbone.parameters())]
+    gib = float(re.search(r"about ([\d.]+) GiB for parameters", header).group(1))
+    assert abs(gib - (total + 2 * trainable) * 4 / 2 ** 30) < 0.05
+    # the recipe as written, smaller
+    raw.update(root=make_synthetic(str(tmp_path / "data"), "acdc", num_train=4, seed=0)["root"],
+               out=str(tmp_path / "run"), patch_size=[64, 64], model_options=SMALL, max_iterations=2, batch_size=4,
+               labeled_bs=2, labeled_num=None, labeled_fraction=0.5, val_every=2, save_every=0, num_workers=0,
+               progress=False, num_overlays=0)
+    assert train(raw).iteration == 2
+    ck = C.load(str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    assert ck["model_config"]["arch"] == "swinunet" and any(".mlp2." in k for k in ck["model"])
+    assert not any(".proj_layers." in k or ".norm_layers." in k for k in ck["model"])  # raw tokens, as published

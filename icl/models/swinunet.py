@@ -336,7 +336,7 @@ class SwinUnetBody(nn.Module):
             nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(cfg["drop_rate"])
         # stochastic depth grows linearly over the encoder blocks; decoder stage j reuses encoder stage j's rates
-        rates = torch.linspace(0, float(cfg["drop_path_rate"]), sum(depths)).tolist()
+        rates = torch.linspace(0, float(cfg["drop_path_rate"]), sum(depths), device="cpu").tolist()
         stage_rates = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(NUM_STAGES)]
 
         def grid(i: int) -> Tuple[int, int]:
