@@ -8,6 +8,7 @@ losses, backward and an SGD step):
   unet2d            the published 2D UNet (build_model("unet2d"))
   basicunet2d       MONAI's BasicUNet (16..256) with icl.attach on upcat_4/3/2
   swinunetr2d       MONAI's SwinUNETR, 2D, feature size 48 (build_model("swinunetr"))
+  swinunet2d        the published Swin-Unet (lite config, 224x224; quick: 64x64, narrow) (build_model("swinunet"))
   unet3d            the published 3D UNet (build_model("unet3d"))
   swinunetr3d       MONAI's SwinUNETR, 3D, feature size 48 (the published BraTS setting)
 Rows: ``time`` (ms per step), ``parameters`` (the whole ICL model) and
@@ -30,14 +31,19 @@ OP = "backbones"
 def configs(quick: bool) -> List[Tuple[str, Tuple[int, ...], int, int, int]]:
     """(provider, patch, labeled_bs, unlabeled_bs, classes)."""
     if quick:
-        return [("unet2d", (64, 64), 1, 1, 3), ("basicunet2d", (64, 64), 1, 1, 3), ("swinunetr2d", (64, 64), 1, 1, 3)]
+        return [("unet2d", (64, 64), 1, 1, 3), ("basicunet2d", (64, 64), 1, 1, 3), ("swinunetr2d", (64, 64), 1, 1, 3),
+                ("swinunet2d", (64, 64), 1, 1, 3)]
     return [("unet2d", (96, 96), 2, 2, 4), ("basicunet2d", (96, 96), 2, 2, 4), ("swinunetr2d", (96, 96), 2, 2, 4),
+            ("swinunet2d", (224, 224), 2, 2, 4),
             ("unet3d", (64, 64, 64), 1, 1, 2), ("swinunetr3d", (64, 64, 64), 1, 1, 2)]
 
 
 def make_model(provider: str, patch, classes: int, quick: bool):
     if provider in ("unet2d", "unet3d"):
         return build_model(provider, 1, classes, patch)
+    if provider == "swinunet2d":  # built for one input size: 224 published; quick: narrow, window 4
+        opts = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4) if quick else {}
+        return build_model("swinunet", 1, classes, patch, **opts)
     if provider.startswith("swinunetr"):
         opts = dict(feature_size=12, depths=(1, 1, 1, 1)) if quick else dict(feature_size=48)
         return build_model("swinunetr", 1, classes, patch, **opts)
@@ -53,7 +59,7 @@ def main() -> None:
     args = common.parse_args(
         __doc__.splitlines()[0],
         lambda p: p.add_argument("--providers", help="comma-separated subset of unet2d, basicunet2d, swinunetr2d, "
-                                                     "unet3d, swinunetr3d (default: all)"))
+                                                     "swinunet2d, unet3d, swinunetr3d (default: all)"))
     chosen = None if not args.providers else {x.strip() for x in args.providers.split(",") if x.strip()}
     device, dtype = args.device, args.dtype
     env = common.environment(device)
@@ -70,7 +76,7 @@ def main() -> None:
         if chosen is not None and prov not in chosen:
             continue
         shape = common.shape_str(patch="x".join(map(str, patch)), B=f"{lb}+{ub}", K=K)
-        if prov not in ("unet2d", "unet3d") and not has_monai:
+        if prov not in ("unet2d", "unet3d", "swinunet2d") and not has_monai:
             rec.add(prov, "fwd+bwd", shape, dtype, "time", "skipped: MONAI not installed (pip install 'icl-kernels[monai]')")
             continue
         try:
