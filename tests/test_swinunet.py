@@ -166,7 +166,7 @@ def test_matches_reference_rectangular_train_mode():
     _check_against_reference((64, 128), dict(SMALL, depths=(2, 1, 2, 1), drop_path_rate=0.0), batch=1, train=True)
 
 
-@pytest.mark.slow  # about a minute on one thread: 27M float64 parameters through both computations
+@pytest.mark.slow  # about 20 s on one thread: 27M float64 parameters through both computations
 def test_matches_reference_published_lite_224():
     _check_against_reference((224, 224), {}, batch=1)
 
