@@ -282,7 +282,7 @@ def _check_geometry(img: Tuple[int, int], cfg: Dict) -> None:
     p, ws = cfg["patch_size"], cfg["window_size"]
     mult = p * 2 ** (NUM_STAGES - 1)
     if any(s <= 0 or s % mult for s in img):
-        raise ValueError(f"swinunet: img_size {img} must be positive multiples of {mult} (patch_size {p} "
+        raise ValueError(f"swinunet: img_size {img} must be positive multiples of {mult} (token patch {p} "
                          f"x 2^{NUM_STAGES - 1} patch mergings)")
     if ws < 1:
         raise ValueError(f"swinunet: window_size must be a positive integer, got {ws}")
@@ -290,10 +290,11 @@ def _check_geometry(img: Tuple[int, int], cfg: Dict) -> None:
         g = (img[0] // p // 2 ** i, img[1] // p // 2 ** i)
         w = min(g) if min(g) <= ws else ws
         if g[0] % w or g[1] % w:
+            grids = [(img[0] // p // 2 ** j, img[1] // p // 2 ** j) for j in range(NUM_STAGES)]
             raise ValueError(f"swinunet: window_size {ws} does not tile stage {i}'s {g[0]}x{g[1]} token grid "
-                             f"(img_size {img}, patch_size {p}); choose a window size that divides every grid "
-                             f"{[(img[0] // p // 2 ** j, img[1] // p // 2 ** j) for j in range(NUM_STAGES)]} "
-                             f"(or is at least as large)")
+                             f"(input {img[0]}x{img[1]}, token patch {p}); set model_options window_size to one "
+                             f"that divides every grid {grids} (a window at least as large as a grid covers it "
+                             f"whole), or use sizes that are multiples of {mult * ws}")
 
 
 class SwinUnetBody(nn.Module):
