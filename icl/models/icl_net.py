@@ -235,5 +235,8 @@ class ICLNet(nn.Module):
         self.backbone.load_state_dict(back, strict=strict)
         for name in ("sspa", "uscl"):
             sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            # SwinUNETR_icl names the learned queries guide_Q (the UNets: guided_Q)
+            if "guide_Q" in sub and "guided_Q" not in sub:
+                sub["guided_Q"] = sub.pop("guide_Q")
             if sub or strict:
                 getattr(self, name).load_published_state_dict(sub, strict=strict)
