@@ -7,6 +7,7 @@ naming the submodules whose outputs are the maps (``icl.attach``).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -233,6 +234,13 @@ class ICLNet(nn.Module):
         (backbone keys, ``sspa.*``, ``uscl.*``); the heads must be ``faithful=True, mixer='mlp'``."""
         back = {k: v for k, v in state.items() if not k.startswith(("sspa.", "uscl."))}
         self.backbone.load_state_dict(back, strict=strict)
+        if self.spatial_dims == 3 and any(k.startswith("swinViT.") for k in back):
+            from .swinunetr import PublishedPatchMerging
+
+            if not any(isinstance(m, PublishedPatchMerging) for m in self.backbone.modules()):
+                warnings.warn("ICLNet.load_published_state_dict: this SwinUNETR merges 3D patches as MONAI does, "
+                              "the published SwinUNETR_icl otherwise, so these weights compute another network "
+                              "here; build it with patch_merging='published'", stacklevel=2)
         for name in ("sspa", "uscl"):
             sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             # SwinUNETR_icl names the learned queries guide_Q (the UNets: guided_Q)

@@ -57,8 +57,9 @@ class PublishedPatchMerging(nn.Module):
         self.spatial_dims = int(spatial_dims)
         self.offsets = PUBLISHED_OFFSETS_3D if spatial_dims == 3 else PUBLISHED_OFFSETS_2D
         parts = len(self.offsets)
-        self.norm = norm_layer(parts * self.dim)
+        # registered in MONAI's order, so state_dicts list the same keys in the same order
         self.reduction = nn.Linear(parts * self.dim, 2 * self.dim, bias=False)
+        self.norm = norm_layer(parts * self.dim)
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.spatial_dims
