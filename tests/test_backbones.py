@@ -203,12 +203,14 @@ def test_swinunetr_backbone_loads_a_published_state_dict(dims):
     from test_icl_models import _PubHead, _randomize
 
     patch = (64, 64) if dims == 2 else (32, 64, 32)  # (32, 32, 32): 1-voxel bottleneck, InstanceNorm refuses
-    net = build_model("swinunetr", 1, 3, patch, mixer="mlp", faithful=True, global_queries="batch", **TINY)
+    net = build_model("swinunetr", 1, 3, patch, mixer="mlp", faithful=True, global_queries="batch",
+                      patch_merging="published", **TINY)
     own = {k: tuple(v.shape) for k, v in net.backbone_state_dict().items()}
     swin, blocks = _pub_swin_keys(12, (1, 1, 1, 1), (3, 6, 12, 24), 1, 3, dims)
     assert {k: own[k] for k in swin} == swin  # every published swinViT key, same shape
     assert {k.split(".")[0] for k in own} == {"swinViT"} | set(blocks)
-    # the backbone of a published checkpoint: MONAI's SwinUNETR (1.0.1 there) with the same blocks
+    # the parameters of a published checkpoint's backbone: MONAI's SwinUNETR has them all (the
+    # published 3D patch merging reads other sub-voxels with them: tests/test_swinunetr_published.py)
     pub_backbone = SwinUNETR(in_channels=1, out_channels=3, spatial_dims=dims, **TINY)
     _randomize(pub_backbone)
     sizes = [tuple(p // s for p in patch) for s in (16, 8, 4)]
@@ -249,7 +251,8 @@ def test_swinunetr_wiring_matches_published_float64(dims):
     torch.manual_seed(0)
     patch = (64, 64) if dims == 2 else (32, 64, 32)  # (32, 32, 32): 1-voxel bottleneck, InstanceNorm refuses
     K = 3
-    net = build_model("swinunetr", 1, K, patch, mixer="mlp", faithful=True, global_queries="batch", **TINY)
+    net = build_model("swinunetr", 1, K, patch, mixer="mlp", faithful=True, global_queries="batch",
+                      patch_merging="published", **TINY)
     sizes = [tuple(p // s for p in patch) for s in (16, 8, 4)]
     heads = [_PubHead((96, 48, 24), sizes, (24, 12, 6), K, dims) for _ in range(2)]
     for h in heads:
