@@ -79,6 +79,8 @@ METHODS: Dict[str, tuple] = {
                               "400"], "budget"),
     "icl-ws-memory": ("ICL, weak-strong views, prototype memory",
                       ["--method", "icl", "--icl-views", "weak-strong", "--global-queries", "memory"], "budget"),
+    "icl-consistency10": ("ICL, consistency weight 10 (published: 50)",
+                          ["--method", "icl", "--loss-weights", "consistency=10"], "budget"),
     "icl-joint": ("ICL, one backbone pass over labeled and unlabeled images",
                   ["--method", "icl", "--icl-passes", "joint"], "budget"),
     "icl-confident-joint": ("ICL + confident weak-to-strong pseudo-labels, one backbone pass",
