@@ -244,3 +244,28 @@ def test_published_recipe_names_the_option():
     if HAS_MONAI:  # the options build the backbone with the recipe's patch
         net = build_backbone("swinunetr", 1, 2, (96, 96, 96), **opts)
         assert sum(isinstance(m, PublishedPatchMerging) for m in net.modules()) == 4
+
+
+@needs_monai
+def test_cli_trains_the_published_network_and_its_checkpoint_rebuilds_it(tmp_path, capsys):
+    """icl train with model_options patch_merging: published; the checkpoint rebuilds that network."""
+    from icl.checkpoint import backbone_from_checkpoint, load
+    from icl.cli import main
+    from icl.data import make_synthetic
+
+    root = make_synthetic(str(tmp_path / "data"), "la", num_train=4, seed=0)["root"]
+    config = tmp_path / "swin.yaml"
+    config.write_text("model: swinunetr\n"
+                      "model_options: {feature_size: 12, depths: [1, 1, 1, 1], patch_merging: published}\n")
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(config), "--dataset", "synthetic", "--root", root, "--num-classes", "2",
+                 "--labeled-num", "2", "--patch-size", "32", "64", "32", "--batch-size", "2", "--labeled-bs", "1",
+                 "--max-iterations", "1", "--val-every", "0", "--save-every", "0", "--num-workers", "0",
+                 "--no-test", "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ckpt = load(str(out / "checkpoints" / "last.pt"))
+    assert ckpt["model_config"]["backbone_options"]["patch_merging"] == "published"
+    net = backbone_from_checkpoint(ckpt)
+    merges = [m for m in net.modules() if isinstance(m, PublishedPatchMerging)]
+    assert merges and not any(isinstance(m, MonaiPatchMerging) and not isinstance(m, PublishedPatchMerging)
+                              for m in net.modules())
